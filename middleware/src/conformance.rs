@@ -1,0 +1,479 @@
+//! The store contract suite: one set of tests every [`IdempotencyStore`] must pass.
+//!
+//! Each check is a public async function taking a fresh, empty store, so a backend (ours or a
+//! third party's) runs the whole suite with one macro call and a factory that returns an isolated
+//! store (its own schema, key prefix or file):
+//!
+//! ```
+//! mod memory_store {
+//!     tower_idempotency::store_conformance_tests!(|| async {
+//!         tower_idempotency::MemoryStore::new()
+//!     });
+//! }
+//! ```
+//!
+//! The checks use real time (leases of a few hundred milliseconds), because the stores under test
+//! keep time on their own clocks: a database server's `now()`, Redis' `TIME`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, StatusCode};
+use tokio::sync::Barrier;
+
+use crate::fingerprint::Fingerprint;
+use crate::record::StoredResponse;
+use crate::scope::{RecordKey, Scope};
+use crate::store::{Begin, IdempotencyStore, LeaseToken, StoreError};
+
+/// The lease used by checks that wait for one to expire.
+pub const SHORT_LOCK: Duration = Duration::from_millis(400);
+/// Long enough that a check never sees it expire.
+pub const LONG: Duration = Duration::from_secs(600);
+/// How long after a deadline a check waits before relying on it having passed.
+const MARGIN: Duration = Duration::from_millis(300);
+/// How long a notification may take before the check fails.
+const NOTIFY_WITHIN: Duration = Duration::from_secs(5);
+
+/// Generates one `#[tokio::test]` per contract check, each on a fresh store from `$factory`, an
+/// expression callable as `$factory().await` that returns the store.
+#[macro_export]
+macro_rules! store_conformance_tests {
+    ($factory:expr) => {
+        $crate::store_conformance_tests!(@each $factory;
+            begin_acquires_a_free_key,
+            concurrent_begins_acquire_once,
+            concurrent_begins_with_different_fingerprints_acquire_once,
+            completed_response_is_replayed,
+            in_flight_key_is_reported,
+            reused_key_is_a_mismatch,
+            release_frees_the_key,
+            completed_record_expires_after_ttl,
+            expired_lease_is_taken_over_with_a_larger_token,
+            stale_holder_cannot_complete_after_takeover,
+            stale_holder_cannot_release_or_renew_after_takeover,
+            stale_token_is_refused_after_the_record_expired_and_was_reacquired,
+            renewal_keeps_the_lease,
+            a_settled_lease_cannot_be_used_again,
+            subscribers_are_woken_by_complete,
+            subscribers_are_woken_by_release,
+            keys_are_independent,
+            large_responses_round_trip,
+            many_keys_complete_and_replay_concurrently
+        );
+    };
+    (@each $factory:expr; $($check:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn $check() {
+            let store = ($factory)().await;
+            $crate::conformance::$check(store).await;
+        }
+    )*};
+}
+
+fn key(name: &str) -> RecordKey {
+    RecordKey::new(&Scope::from_bytes(b"conformance"), name.as_bytes())
+}
+
+fn fingerprint(tag: u8) -> Fingerprint {
+    Fingerprint::from_bytes([tag; 32])
+}
+
+/// A response with repeated headers, a binary header value and a binary body.
+fn response(body: &'static [u8]) -> StoredResponse {
+    let mut headers = HeaderMap::new();
+    headers.append("content-type", HeaderValue::from_static("application/json"));
+    headers.append("set-cookie", HeaderValue::from_static("a=1"));
+    headers.append("set-cookie", HeaderValue::from_static("b=2"));
+    headers.append(
+        "x-binary",
+        HeaderValue::from_bytes(b"\x80\xff").expect("valid header"),
+    );
+    StoredResponse::new(StatusCode::CREATED, headers, Bytes::from_static(body))
+}
+
+async fn acquire(
+    store: &impl IdempotencyStore,
+    key: &RecordKey,
+    tag: u8,
+    lock: Duration,
+) -> LeaseToken {
+    match store.begin(key, &fingerprint(tag), lock).await {
+        Ok(Begin::Acquired { token }) => token,
+        other => panic!("expected to acquire a free key, got {other:?}"),
+    }
+}
+
+async fn begin(store: &impl IdempotencyStore, key: &RecordKey, tag: u8) -> Begin {
+    store
+        .begin(key, &fingerprint(tag), LONG)
+        .await
+        .unwrap_or_else(|error| panic!("begin failed: {error}"))
+}
+
+fn assert_lease_lost(result: Result<(), StoreError>, what: &str) {
+    assert!(
+        matches!(result, Err(StoreError::LeaseLost)),
+        "{what} must be refused with LeaseLost, got {result:?}"
+    );
+}
+
+/// A free key is acquired.
+pub async fn begin_acquires_a_free_key(store: impl IdempotencyStore) {
+    acquire(&store, &key("free"), 1, LONG).await;
+}
+
+/// Of 64 concurrent begins on one key, exactly one acquires; the others see it in flight.
+pub async fn concurrent_begins_acquire_once(store: impl IdempotencyStore) {
+    let outcomes = race(store, 64, |_| 1).await;
+    let acquired = outcomes
+        .iter()
+        .filter(|b| matches!(b, Begin::Acquired { .. }))
+        .count();
+    let in_flight = outcomes
+        .iter()
+        .filter(|b| matches!(b, Begin::InFlight))
+        .count();
+    assert_eq!((acquired, in_flight), (1, 63), "outcomes: {outcomes:?}");
+}
+
+/// Concurrent begins with two fingerprints: one acquires, the rest see in-flight or mismatch.
+pub async fn concurrent_begins_with_different_fingerprints_acquire_once(
+    store: impl IdempotencyStore,
+) {
+    let outcomes = race(store, 64, |i| 1 + (i % 2) as u8).await;
+    let acquired = outcomes
+        .iter()
+        .filter(|b| matches!(b, Begin::Acquired { .. }))
+        .count();
+    let mismatched = outcomes
+        .iter()
+        .filter(|b| matches!(b, Begin::Mismatch))
+        .count();
+    assert_eq!(acquired, 1, "outcomes: {outcomes:?}");
+    assert_eq!(
+        mismatched, 32,
+        "the other fingerprint's half must all mismatch: {outcomes:?}"
+    );
+}
+
+async fn race(store: impl IdempotencyStore, callers: usize, tag: fn(usize) -> u8) -> Vec<Begin> {
+    let store = Arc::new(store);
+    let start = Arc::new(Barrier::new(callers));
+    let tasks: Vec<_> = (0..callers)
+        .map(|i| {
+            let (store, start) = (store.clone(), start.clone());
+            tokio::spawn(async move {
+                start.wait().await;
+                store.begin(&key("race"), &fingerprint(tag(i)), LONG).await
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::with_capacity(callers);
+    for task in tasks {
+        let begun = task
+            .await
+            .unwrap_or_else(|error| panic!("task failed: {error}"));
+        outcomes.push(begun.unwrap_or_else(|error| panic!("begin failed: {error}")));
+    }
+    outcomes
+}
+
+/// A completed response is replayed exactly: status, every header value in order, body.
+pub async fn completed_response_is_replayed(store: impl IdempotencyStore) {
+    let key = key("replay");
+    let token = acquire(&store, &key, 1, LONG).await;
+    let stored = response(b"{\"id\":1}\0\xff");
+    store
+        .complete(&key, token, &stored, LONG)
+        .await
+        .expect("complete");
+    assert_eq!(
+        begin(&store, &key, 1).await,
+        Begin::Completed(stored.clone())
+    );
+    assert_eq!(
+        begin(&store, &key, 1).await,
+        Begin::Completed(stored),
+        "replays repeat"
+    );
+
+    let empty_key = self::key("replay-empty");
+    let token = acquire(&store, &empty_key, 1, LONG).await;
+    let no_content = StoredResponse::new(StatusCode::NO_CONTENT, HeaderMap::new(), Bytes::new());
+    store
+        .complete(&empty_key, token, &no_content, LONG)
+        .await
+        .expect("complete");
+    assert_eq!(
+        begin(&store, &empty_key, 1).await,
+        Begin::Completed(no_content)
+    );
+}
+
+/// A second begin while the lease is live sees the request in flight.
+pub async fn in_flight_key_is_reported(store: impl IdempotencyStore) {
+    let key = key("in-flight");
+    acquire(&store, &key, 1, LONG).await;
+    assert_eq!(begin(&store, &key, 1).await, Begin::InFlight);
+}
+
+/// A key reused with another fingerprint is a mismatch, in flight and completed.
+pub async fn reused_key_is_a_mismatch(store: impl IdempotencyStore) {
+    let key = key("mismatch");
+    let token = acquire(&store, &key, 1, LONG).await;
+    assert_eq!(begin(&store, &key, 2).await, Begin::Mismatch);
+    store
+        .complete(&key, token, &response(b"x"), LONG)
+        .await
+        .expect("complete");
+    assert_eq!(begin(&store, &key, 2).await, Begin::Mismatch);
+}
+
+/// After release the key is free again, under a larger token.
+pub async fn release_frees_the_key(store: impl IdempotencyStore) {
+    let key = key("release");
+    let first = acquire(&store, &key, 1, LONG).await;
+    store.release(&key, first).await.expect("release");
+    let second = acquire(&store, &key, 1, LONG).await;
+    assert!(second > first, "token {second} must be larger than {first}");
+}
+
+/// A completed record is replayed until its TTL passes, then the key is free.
+pub async fn completed_record_expires_after_ttl(store: impl IdempotencyStore) {
+    let key = key("ttl");
+    let token = acquire(&store, &key, 1, LONG).await;
+    store
+        .complete(&key, token, &response(b"x"), SHORT_LOCK)
+        .await
+        .expect("complete");
+    assert!(matches!(begin(&store, &key, 1).await, Begin::Completed(_)));
+    tokio::time::sleep(SHORT_LOCK + MARGIN).await;
+    acquire(&store, &key, 2, LONG).await;
+}
+
+/// A lease not renewed for `lock_ttl` is taken over, whatever the new request's fingerprint,
+/// with a larger token.
+pub async fn expired_lease_is_taken_over_with_a_larger_token(store: impl IdempotencyStore) {
+    let key = key("takeover");
+    let first = acquire(&store, &key, 1, SHORT_LOCK).await;
+    assert_eq!(begin(&store, &key, 1).await, Begin::InFlight);
+    tokio::time::sleep(SHORT_LOCK + MARGIN).await;
+    let second = acquire(&store, &key, 2, LONG).await;
+    assert!(
+        second > first,
+        "takeover token {second} must be larger than {first}"
+    );
+}
+
+/// After a takeover the old holder's `complete` is refused and the new holder's result stands.
+pub async fn stale_holder_cannot_complete_after_takeover(store: impl IdempotencyStore) {
+    let key = key("stale-complete");
+    let stale = acquire(&store, &key, 1, SHORT_LOCK).await;
+    tokio::time::sleep(SHORT_LOCK + MARGIN).await;
+    let current = acquire(&store, &key, 1, LONG).await;
+    assert_lease_lost(
+        store.complete(&key, stale, &response(b"stale"), LONG).await,
+        "stale complete",
+    );
+    assert_eq!(
+        begin(&store, &key, 1).await,
+        Begin::InFlight,
+        "the new lease is intact"
+    );
+    store
+        .complete(&key, current, &response(b"current"), LONG)
+        .await
+        .expect("complete");
+    assert_eq!(
+        begin(&store, &key, 1).await,
+        Begin::Completed(response(b"current"))
+    );
+}
+
+/// After a takeover the old holder can neither release nor renew the new lease.
+pub async fn stale_holder_cannot_release_or_renew_after_takeover(store: impl IdempotencyStore) {
+    let key = key("stale-release");
+    let stale = acquire(&store, &key, 1, SHORT_LOCK).await;
+    tokio::time::sleep(SHORT_LOCK + MARGIN).await;
+    acquire(&store, &key, 1, LONG).await;
+    assert_lease_lost(store.release(&key, stale).await, "stale release");
+    assert_lease_lost(store.renew(&key, stale, LONG).await, "stale renew");
+    assert_eq!(
+        begin(&store, &key, 1).await,
+        Begin::InFlight,
+        "the new lease is intact"
+    );
+}
+
+/// A token from a record that expired and was deleted is not valid for the key's next record.
+pub async fn stale_token_is_refused_after_the_record_expired_and_was_reacquired(
+    store: impl IdempotencyStore,
+) {
+    let key = key("stale-after-expiry");
+    let old = acquire(&store, &key, 1, LONG).await;
+    store
+        .complete(&key, old, &response(b"old"), SHORT_LOCK)
+        .await
+        .expect("complete");
+    tokio::time::sleep(SHORT_LOCK + MARGIN).await;
+    let new = acquire(&store, &key, 1, LONG).await;
+    assert!(new > old, "token {new} must be larger than {old}");
+    assert_lease_lost(
+        store.complete(&key, old, &response(b"old"), LONG).await,
+        "stale complete",
+    );
+    assert_eq!(begin(&store, &key, 1).await, Begin::InFlight);
+}
+
+/// Renewing every third of `lock_ttl` keeps a lease alive well past `lock_ttl`.
+pub async fn renewal_keeps_the_lease(store: impl IdempotencyStore) {
+    let key = key("renew");
+    let token = acquire(&store, &key, 1, SHORT_LOCK).await;
+    for _ in 0..9 {
+        tokio::time::sleep(SHORT_LOCK / 3).await;
+        store.renew(&key, token, SHORT_LOCK).await.expect("renew");
+        assert_eq!(begin(&store, &key, 1).await, Begin::InFlight);
+    }
+    store
+        .complete(&key, token, &response(b"late"), LONG)
+        .await
+        .expect("complete after renewals");
+    assert_eq!(
+        begin(&store, &key, 1).await,
+        Begin::Completed(response(b"late"))
+    );
+}
+
+/// Once completed, the token can no longer complete, renew or release: the record stays.
+pub async fn a_settled_lease_cannot_be_used_again(store: impl IdempotencyStore) {
+    let key = key("settled");
+    let token = acquire(&store, &key, 1, LONG).await;
+    store
+        .complete(&key, token, &response(b"first"), LONG)
+        .await
+        .expect("complete");
+    assert_lease_lost(
+        store
+            .complete(&key, token, &response(b"second"), LONG)
+            .await,
+        "second complete",
+    );
+    assert_lease_lost(store.renew(&key, token, LONG).await, "renew after complete");
+    assert_lease_lost(store.release(&key, token).await, "release after complete");
+    assert_eq!(
+        begin(&store, &key, 1).await,
+        Begin::Completed(response(b"first"))
+    );
+
+    let released = self::key("settled-released");
+    let token = acquire(&store, &released, 1, LONG).await;
+    store.release(&released, token).await.expect("release");
+    assert_lease_lost(store.release(&released, token).await, "second release");
+    assert_lease_lost(
+        store
+            .complete(&released, token, &response(b"x"), LONG)
+            .await,
+        "complete after release",
+    );
+}
+
+/// A subscriber armed before the completion is woken by it.
+pub async fn subscribers_are_woken_by_complete(store: impl IdempotencyStore) {
+    let store = Arc::new(store);
+    let key = key("notify-complete");
+    let token = acquire(&*store, &key, 1, LONG).await;
+    let subscription = store.subscribe(&key);
+    let woken = subscription.notified();
+    assert_eq!(begin(&*store, &key, 1).await, Begin::InFlight);
+    let completer = store.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        completer.complete(&key, token, &response(b"x"), LONG).await
+    });
+    tokio::time::timeout(NOTIFY_WITHIN, woken)
+        .await
+        .expect("complete must wake the subscriber");
+    assert!(matches!(begin(&*store, &key, 1).await, Begin::Completed(_)));
+}
+
+/// A subscriber armed before a release is woken by it.
+pub async fn subscribers_are_woken_by_release(store: impl IdempotencyStore) {
+    let store = Arc::new(store);
+    let key = key("notify-release");
+    let token = acquire(&*store, &key, 1, LONG).await;
+    let subscription = store.subscribe(&key);
+    let woken = subscription.notified();
+    let releaser = store.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        releaser.release(&key, token).await
+    });
+    tokio::time::timeout(NOTIFY_WITHIN, woken)
+        .await
+        .expect("release must wake the subscriber");
+}
+
+/// Work on one key leaves every other key alone.
+pub async fn keys_are_independent(store: impl IdempotencyStore) {
+    let (a, b) = (key("independent-a"), key("independent-b"));
+    let token_a = acquire(&store, &a, 1, LONG).await;
+    let token_b = acquire(&store, &b, 2, LONG).await;
+    store
+        .complete(&a, token_a, &response(b"a"), LONG)
+        .await
+        .expect("complete a");
+    assert_eq!(begin(&store, &b, 2).await, Begin::InFlight);
+    store.release(&b, token_b).await.expect("release b");
+    assert_eq!(begin(&store, &a, 1).await, Begin::Completed(response(b"a")));
+    assert_lease_lost(store.renew(&a, token_b, LONG).await, "another key's token");
+}
+
+/// A 1 MiB body and a hundred headers survive storage unchanged.
+pub async fn large_responses_round_trip(store: impl IdempotencyStore) {
+    let key = key("large");
+    let token = acquire(&store, &key, 1, LONG).await;
+    let body: Vec<u8> = (0..1024 * 1024).map(|i: u32| (i % 251) as u8).collect();
+    let mut headers = HeaderMap::new();
+    for i in 0..100 {
+        let value = HeaderValue::from_str(&format!("value-{i}")).expect("valid header");
+        headers.append(
+            format!("x-header-{}", i % 10)
+                .parse::<http::HeaderName>()
+                .expect("valid header"),
+            value,
+        );
+    }
+    let stored = StoredResponse::new(StatusCode::OK, headers, Bytes::from(body));
+    store
+        .complete(&key, token, &stored, LONG)
+        .await
+        .expect("complete");
+    assert_eq!(begin(&store, &key, 1).await, Begin::Completed(stored));
+}
+
+/// 200 keys begun, completed and replayed concurrently (on a cluster: spread over every node).
+pub async fn many_keys_complete_and_replay_concurrently(store: impl IdempotencyStore) {
+    let store = Arc::new(store);
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let key = key(&format!("many-{i}"));
+                let token = acquire(&*store, &key, 1, LONG).await;
+                let body = Bytes::from(format!("response {i}"));
+                let stored = StoredResponse::new(StatusCode::OK, HeaderMap::new(), body);
+                store
+                    .complete(&key, token, &stored, LONG)
+                    .await
+                    .expect("complete");
+                assert_eq!(begin(&*store, &key, 1).await, Begin::Completed(stored));
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await
+            .unwrap_or_else(|error| panic!("task failed: {error}"));
+    }
+}

@@ -1,0 +1,178 @@
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::request::Parts;
+use tower::Layer;
+
+use super::Idempotency;
+use crate::policy::{PathPattern, Policy, Routes};
+use crate::scope::Scope;
+use crate::store::IdempotencyStore;
+
+/// Derives the caller's [`Scope`] from a request, for apps whose callers are identified by
+/// something other than headers (an authenticated principal in the extensions, a tenant in the
+/// path...).
+pub type ScopeFn = Arc<dyn Fn(&Parts) -> Scope + Send + Sync>;
+
+/// Applies [`Idempotency`] to a service. See the [crate docs](crate) for the request lifecycle.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use std::time::Duration;
+/// use tower_idempotency::{IdempotencyLayer, MemoryStore, OnConflict, Policy};
+///
+/// let layer = IdempotencyLayer::new(MemoryStore::new())
+///     .policy(Policy::default().with_ttl(Duration::from_secs(3600)))
+///     .route(
+///         "/payments/**".parse().unwrap(),
+///         Policy::default().with_required(true).with_on_conflict(OnConflict::Wait),
+///     );
+/// # drop(layer); }
+/// ```
+pub struct IdempotencyLayer<St> {
+    shared: Arc<Shared<St>>,
+}
+
+/// Settings shared by every clone of the service.
+pub(crate) struct Shared<St> {
+    pub(crate) store: Arc<St>,
+    pub(crate) routes: Routes,
+    pub(crate) scope: Option<ScopeFn>,
+    pub(crate) store_timeout: Duration,
+    pub(crate) poll_interval: Duration,
+}
+
+impl<St> Clone for Shared<St> {
+    fn clone(&self) -> Self {
+        Self {
+            store: self.store.clone(),
+            routes: self.routes.clone(),
+            scope: self.scope.clone(),
+            store_timeout: self.store_timeout,
+            poll_interval: self.poll_interval,
+        }
+    }
+}
+
+impl<St> Clone for IdempotencyLayer<St> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<St> fmt::Debug for IdempotencyLayer<St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotencyLayer")
+            .field("routes", &self.shared.routes)
+            .field("custom_scope", &self.shared.scope.is_some())
+            .field("store_timeout", &self.shared.store_timeout)
+            .field("poll_interval", &self.shared.poll_interval)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<St: IdempotencyStore> IdempotencyLayer<St> {
+    /// A layer over `store` with the default [`Policy`] on every path.
+    pub fn new(store: St) -> Self {
+        Self::from_shared_store(Arc::new(store))
+    }
+
+    /// A layer over a store that is already shared, for example with a readiness probe.
+    pub fn from_shared_store(store: Arc<St>) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                store,
+                routes: Routes::default(),
+                scope: None,
+                store_timeout: Duration::from_secs(5),
+                poll_interval: Duration::from_secs(1),
+            }),
+        }
+    }
+
+    fn shared_mut(&mut self) -> &mut Shared<St> {
+        Arc::make_mut(&mut self.shared)
+    }
+
+    /// Replaces the default policy (routes added so far keep theirs).
+    #[must_use]
+    pub fn policy(mut self, policy: Policy) -> Self {
+        let shared = self.shared_mut();
+        let mut routes = Routes::new(policy);
+        for (pattern, route_policy) in shared.routes.iter() {
+            routes = routes.route(pattern.clone(), route_policy.clone());
+        }
+        shared.routes = routes;
+        self
+    }
+
+    /// Adds a per-path policy; the first matching route wins, else the default applies.
+    #[must_use]
+    pub fn route(mut self, pattern: PathPattern, policy: Policy) -> Self {
+        let shared = self.shared_mut();
+        shared.routes = std::mem::take(&mut shared.routes).route(pattern, policy);
+        self
+    }
+
+    /// Replaces the default policy and every route at once.
+    #[must_use]
+    pub fn routes(mut self, routes: Routes) -> Self {
+        self.shared_mut().routes = routes;
+        self
+    }
+
+    /// Scopes keys with `scope` instead of the policy's scope headers.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use tower_idempotency::{IdempotencyLayer, MemoryStore, Scope};
+    ///
+    /// #[derive(Clone)]
+    /// struct UserId(u64);
+    ///
+    /// // An auth layer outside this one put the authenticated user in the extensions.
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).scope_with(|parts| {
+    ///     match parts.extensions.get::<UserId>() {
+    ///         Some(user) => Scope::from_bytes(&user.0.to_be_bytes()),
+    ///         None => Scope::anonymous(),
+    ///     }
+    /// });
+    /// # drop(layer); }
+    /// ```
+    #[must_use]
+    pub fn scope_with(mut self, scope: impl Fn(&Parts) -> Scope + Send + Sync + 'static) -> Self {
+        self.shared_mut().scope = Some(Arc::new(scope));
+        self
+    }
+
+    /// Bounds every store call; a slower call counts as a store error. Default 5 seconds.
+    #[must_use]
+    pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.shared_mut().store_timeout = timeout;
+        self
+    }
+
+    /// How often a waiting request looks at the store even without a notification, which is what
+    /// finds a lease whose holder died. Default 1 second.
+    #[must_use]
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.shared_mut().poll_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// The routes in effect.
+    pub fn routes_in_effect(&self) -> &Routes {
+        &self.shared.routes
+    }
+}
+
+impl<S, St> Layer<S> for IdempotencyLayer<St> {
+    type Service = Idempotency<S, St>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Idempotency::from_shared(inner, self.shared.clone())
+    }
+}

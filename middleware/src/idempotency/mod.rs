@@ -1,0 +1,13 @@
+//! The idempotency middleware: [`IdempotencyLayer`] and the [`Idempotency`] service.
+//!
+//! See the [crate docs](crate) for the request lifecycle and the guarantees.
+
+mod body;
+mod future;
+mod layer;
+mod service;
+
+pub use body::{RequestBody, ResponseBody};
+pub use future::ResponseFuture;
+pub use layer::{IdempotencyLayer, ScopeFn};
+pub use service::Idempotency;

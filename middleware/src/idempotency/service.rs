@@ -1,0 +1,762 @@
+use std::fmt;
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
+use http::request::Parts;
+use http::{HeaderValue, Request, Response};
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tower::Service;
+
+use super::body::{RequestBody, ResponseBody, Streamed};
+use super::future::ResponseFuture;
+use super::layer::Shared;
+use crate::BoxError;
+use crate::fingerprint::Fingerprint;
+use crate::headers::IDEMPOTENT_REPLAYED;
+use crate::key::{KeyError, parse_key};
+use crate::policy::{OnConflict, OnStoreError, Policy};
+use crate::problem::{Problem, ProblemKind};
+use crate::record::StoredResponse;
+use crate::scope::{RecordKey, Scope};
+use crate::store::{Begin, IdempotencyStore, LeaseToken, StoreError};
+use crate::telemetry as m;
+
+/// Frames buffered between the detached task and a slow client before the task waits.
+const STREAM_BUFFER: usize = 16;
+/// Attempts to store a response before giving up on it (the client still gets it).
+const COMPLETE_ATTEMPTS: u32 = 3;
+
+/// Middleware that runs each keyed request once and replays its response to retries.
+///
+/// Built by [`IdempotencyLayer`](super::IdempotencyLayer).
+pub struct Idempotency<S, St> {
+    inner: S,
+    shared: Arc<Shared<St>>,
+}
+
+impl<S, St> Idempotency<S, St> {
+    pub(crate) fn from_shared(inner: S, shared: Arc<Shared<St>>) -> Self {
+        Self { inner, shared }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: Clone, St> Clone for Idempotency<S, St> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, St> fmt::Debug for Idempotency<S, St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Idempotency")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, St, ReqB, ResB> Service<Request<ReqB>> for Idempotency<S, St>
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    St: IdempotencyStore,
+    ReqB: Body<Data = Bytes> + Send + 'static,
+    ReqB::Error: Into<BoxError>,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResB, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqB>) -> Self::Future {
+        let policy = self.shared.routes.policy_for(request.uri().path());
+        if !policy.covers(request.method()) {
+            return ResponseFuture::passthrough(
+                self.inner.call(request.map(RequestBody::original)),
+            );
+        }
+        let (parts, body) = request.into_parts();
+        let mut keys = parts.headers.get_all(&policy.header).iter();
+        let key = match (keys.next(), keys.next()) {
+            (None, _) if policy.required => {
+                m::outcome(m::Outcome::MissingKey);
+                let detail = format!("this route requires a `{}` header", policy.header);
+                return ResponseFuture::ready(problem(Problem::new(
+                    ProblemKind::MissingKey,
+                    detail,
+                )));
+            }
+            (None, _) => {
+                let request = Request::from_parts(parts, RequestBody::original(body));
+                return ResponseFuture::passthrough(self.inner.call(request));
+            }
+            (Some(_), Some(_)) => Err(KeyError::Repeated),
+            (Some(value), None) => parse_key(value),
+        };
+        let record_key = match key {
+            Ok(key) => {
+                let scope = match &self.shared.scope {
+                    Some(scope) => scope(&parts),
+                    None => Scope::from_headers(&parts.headers, &policy.scope_headers),
+                };
+                RecordKey::new(&scope, &key)
+            }
+            Err(error) => {
+                m::outcome(m::Outcome::InvalidKey);
+                return ResponseFuture::ready(problem(Problem::new(
+                    ProblemKind::InvalidKey,
+                    format!("`{}`: {error}", policy.header),
+                )));
+            }
+        };
+        // The clone takes the place of the service that was driven to readiness, which goes on
+        // to run the request (the usual tower idiom).
+        let clone = self.inner.clone();
+        let ready = std::mem::replace(&mut self.inner, clone);
+        let request = Keyed {
+            shared: self.shared.clone(),
+            policy: policy.clone(),
+            record_key,
+            parts,
+        };
+        ResponseFuture::managed(Box::pin(request.handle(ready, body)))
+    }
+}
+
+fn problem<B>(problem: Problem) -> Response<ResponseBody<B>> {
+    problem.into_response(ResponseBody::full)
+}
+
+/// A covered request with a valid key, on its way through the state machine.
+struct Keyed<St> {
+    shared: Arc<Shared<St>>,
+    policy: Arc<Policy>,
+    record_key: RecordKey,
+    parts: Parts,
+}
+
+impl<St: IdempotencyStore> Keyed<St> {
+    async fn handle<S, ReqB, ResB>(
+        self,
+        inner: S,
+        body: ReqB,
+    ) -> Result<Response<ResponseBody<ResB>>, S::Error>
+    where
+        S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+        ReqB: Body<Data = Bytes> + Send + 'static,
+        ReqB::Error: Into<BoxError>,
+        ResB: Body<Data = Bytes> + Send + 'static,
+        ResB::Error: Into<BoxError>,
+    {
+        let body = match self.buffer_body(body).await {
+            Ok(body) => body,
+            Err(rejection) => return Ok(problem(rejection)),
+        };
+        let fingerprint = Fingerprint::of_request(
+            &self.parts.method,
+            &self.parts.uri,
+            &self.parts.headers,
+            &self.policy.fingerprint_headers,
+            &body,
+        );
+        match self.begin(&fingerprint).await {
+            Ok(Begun::Acquired(token)) => {
+                m::outcome(m::Outcome::Executed);
+                self.execute(inner, body, token).await
+            }
+            Ok(Begun::Answered(response)) => Ok(response),
+            Err(error) => match self.policy.on_store_error {
+                OnStoreError::Reject => {
+                    m::outcome(m::Outcome::Rejected);
+                    tracing::warn!(%error, "idempotency store failed; rejecting the request");
+                    Ok(problem(
+                        Problem::new(
+                            ProblemKind::StoreUnavailable,
+                            "the idempotency store is unavailable; the request was not run",
+                        )
+                        .retry_after(self.policy.retry_after),
+                    ))
+                }
+                OnStoreError::Forward => {
+                    m::outcome(m::Outcome::Forwarded);
+                    tracing::warn!(%error, "idempotency store failed; running the request unprotected");
+                    let mut inner = inner;
+                    let request = Request::from_parts(self.parts, RequestBody::buffered(body));
+                    Ok(inner.call(request).await?.map(ResponseBody::inner))
+                }
+            },
+        }
+    }
+
+    /// Reads the whole request body, refusing bodies over the policy's limit (`413`) before
+    /// reading them where `Content-Length` already tells.
+    async fn buffer_body<B>(&self, body: B) -> Result<Bytes, Problem>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
+        let limit = self.policy.max_request_body;
+        let too_large = || {
+            m::outcome(m::Outcome::TooLarge);
+            Problem::new(
+                ProblemKind::BodyTooLarge,
+                format!("the request body is larger than {limit} bytes"),
+            )
+        };
+        if body.size_hint().lower() > limit as u64 {
+            return Err(too_large());
+        }
+        match Limited::new(body, limit).collect().await {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(error) if error.is::<LengthLimitError>() => Err(too_large()),
+            Err(error) => {
+                m::outcome(m::Outcome::InvalidBody);
+                Err(Problem::new(
+                    ProblemKind::InvalidBody,
+                    format!("the request body could not be read: {error}"),
+                ))
+            }
+        }
+    }
+
+    /// Takes the lease, or answers from the record: replay, `422`, `409`, or after waiting.
+    async fn begin<B>(&self, fingerprint: &Fingerprint) -> Result<Begun<B>, StoreError> {
+        let subscription = (self.policy.on_conflict == OnConflict::Wait)
+            .then(|| self.shared.store.subscribe(&self.record_key));
+        let deadline = Instant::now() + self.policy.wait_timeout;
+        loop {
+            // Armed before looking, so a completion between the look and the wait is not missed.
+            let completed = subscription.as_ref().map(|s| s.notified());
+            let store = &self.shared.store;
+            let begun = self
+                .shared
+                .timed(m::Operation::Begin, async {
+                    store
+                        .begin(&self.record_key, fingerprint, self.policy.lock_ttl)
+                        .await
+                })
+                .await?;
+            match begun {
+                Begin::Acquired { token } => return Ok(Begun::Acquired(token)),
+                Begin::Completed(stored) => {
+                    m::outcome(m::Outcome::Replayed);
+                    let mut response = stored.into_response(ResponseBody::full);
+                    response.headers_mut().insert(
+                        IDEMPOTENT_REPLAYED.clone(),
+                        HeaderValue::from_static("true"),
+                    );
+                    return Ok(Begun::Answered(response));
+                }
+                Begin::Mismatch => {
+                    m::outcome(m::Outcome::Mismatch);
+                    return Ok(Begun::Answered(problem(Problem::new(
+                        ProblemKind::KeyReused,
+                        format!(
+                            "this `{}` was already used for a different request",
+                            self.policy.header
+                        ),
+                    ))));
+                }
+                Begin::InFlight => {
+                    let now = Instant::now();
+                    if let Some(completed) = completed.filter(|_| now < deadline) {
+                        // Polling too finds a lease whose holder died and has since expired.
+                        let nap = (deadline - now).min(self.shared.poll_interval);
+                        let _woken = tokio::time::timeout(nap, completed).await;
+                        continue;
+                    }
+                    m::outcome(m::Outcome::Conflict);
+                    return Ok(Begun::Answered(problem(
+                        Problem::new(
+                            ProblemKind::InFlight,
+                            format!(
+                                "a request with this `{}` is still in progress",
+                                self.policy.header
+                            ),
+                        )
+                        .retry_after(self.policy.retry_after),
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Runs the request under the lease on a task of its own, so that a client that goes away
+    /// does not cancel it: the response is still stored for the retry.
+    async fn execute<S, ReqB, ResB>(
+        self,
+        inner: S,
+        body: Bytes,
+        token: LeaseToken,
+    ) -> Result<Response<ResponseBody<ResB>>, S::Error>
+    where
+        S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+        ReqB: Send + 'static,
+        ResB: Body<Data = Bytes> + Send + 'static,
+        ResB::Error: Into<BoxError>,
+    {
+        let (reply, replied) = oneshot::channel();
+        let lease = Lease::new(self.shared, self.policy, self.record_key, token);
+        let request = Request::from_parts(self.parts, RequestBody::buffered(body));
+        let task = tokio::spawn(lease.run(inner, request, reply));
+        match replied.await {
+            Ok(reply) => reply,
+            // The task ended without replying: it panicked (the inner service did), or the
+            // runtime is shutting down. The lease was released by its guard either way.
+            Err(_) => match task.await {
+                Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+                _ => Ok(problem(Problem::new(
+                    ProblemKind::StoreUnavailable,
+                    "the request was cancelled before it produced a response",
+                ))),
+            },
+        }
+    }
+}
+
+enum Begun<B> {
+    Acquired(LeaseToken),
+    Answered(Response<ResponseBody<B>>),
+}
+
+impl<St: IdempotencyStore> Shared<St> {
+    /// Runs one store operation under the store timeout, recording its latency and errors.
+    pub(crate) async fn timed<T>(
+        &self,
+        operation: m::Operation,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let started = Instant::now();
+        let result = match tokio::time::timeout(self.store_timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Timeout(self.store_timeout)),
+        };
+        m::store_call(operation, started.elapsed(), &result);
+        result
+    }
+}
+
+type Reply<ResB, E> = oneshot::Sender<Result<Response<ResponseBody<ResB>>, E>>;
+
+/// A held lease. Dropped without being settled (a panic in the inner service, a cancelled task),
+/// it releases itself so that the key is free for a retry at once rather than after `lock_ttl`.
+struct Lease<St: IdempotencyStore> {
+    shared: Arc<Shared<St>>,
+    policy: Arc<Policy>,
+    key: RecordKey,
+    token: LeaseToken,
+    settled: bool,
+}
+
+impl<St: IdempotencyStore> Lease<St> {
+    fn new(
+        shared: Arc<Shared<St>>,
+        policy: Arc<Policy>,
+        key: RecordKey,
+        token: LeaseToken,
+    ) -> Self {
+        m::lease_acquired();
+        Self {
+            shared,
+            policy,
+            key,
+            token,
+            settled: false,
+        }
+    }
+
+    async fn run<S, ReqB, ResB>(
+        mut self,
+        mut inner: S,
+        request: Request<RequestBody<ReqB>>,
+        reply: Reply<ResB, S::Error>,
+    ) where
+        S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
+        ResB: Body<Data = Bytes> + Send + 'static,
+        ResB::Error: Into<BoxError>,
+    {
+        let renewal = renew_until_dropped(
+            self.shared.clone(),
+            self.key,
+            self.token,
+            self.policy.clone(),
+        );
+        let work = async {
+            match inner.call(request).await {
+                Ok(response) => self.deliver(response, reply).await,
+                Err(error) => {
+                    m::not_stored(m::NotStored::InnerError);
+                    self.release().await;
+                    let _ = reply.send(Err(error));
+                }
+            }
+        };
+        // Renewal never finishes on its own: this ends when the work does, and drops it.
+        tokio::select! {
+            () = work => {}
+            () = renewal => {}
+        }
+    }
+
+    /// Sends the response to the client while keeping a copy to store.
+    async fn deliver<ResB, E>(&mut self, response: Response<ResB>, reply: Reply<ResB, E>)
+    where
+        ResB: Body<Data = Bytes> + Send + 'static,
+        ResB::Error: Into<BoxError>,
+    {
+        let (parts, body) = response.into_parts();
+        if !self.policy.is_storable(parts.status) {
+            m::not_stored(m::NotStored::ServerError);
+            self.release().await;
+            let _ = reply.send(Ok(Response::from_parts(parts, ResponseBody::inner(body))));
+            return;
+        }
+        let size_hint = body.size_hint();
+        let mut body = pin!(body);
+        let mut copy = Copy::new(self.policy.max_response_body);
+
+        // Most handlers produce their whole body at once: take what is ready without waiting,
+        // and if that is all of it, store it before the client sees the response, so a retry
+        // sent the moment the response arrives is a replay, not a conflict.
+        let mut ready = Vec::new();
+        let mut end = None;
+        while end.is_none() {
+            match body.frame().now_or_never() {
+                Some(Some(Ok(frame))) => ready.push(copy.keep(frame)),
+                Some(Some(Err(error))) => {
+                    copy.refuse(m::NotStored::BodyError);
+                    end = Some(Streamed::Error(error.into()));
+                }
+                Some(None) => end = Some(Streamed::End),
+                None => break,
+            }
+        }
+        if matches!(end, Some(Streamed::End)) && copy.storable {
+            let whole = copy.whole();
+            self.complete(&parts, whole.clone()).await;
+            let _ = reply.send(Ok(Response::from_parts(parts, ResponseBody::full(whole))));
+            return;
+        }
+
+        // Otherwise the body streams through a channel. We keep reading even if the client goes
+        // away, so that the response is still stored.
+        let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
+        let head = parts.clone();
+        let streamed = ResponseBody::streamed(receiver, size_hint);
+        let mut client = ClientStream {
+            sender: reply
+                .send(Ok(Response::from_parts(parts, streamed)))
+                .is_ok()
+                .then_some(sender),
+            held: None,
+        };
+        for message in ready {
+            client.push(message).await;
+        }
+        let mut end = end;
+        while end.is_none() {
+            if !copy.storable {
+                self.release().await;
+                if client.is_gone() {
+                    // Nobody will read the rest and it will not be stored: stop reading it.
+                    return;
+                }
+            }
+            // The body's own error type need not be `Send`: convert it before any await.
+            let next = body.frame().await.map(|frame| frame.map_err(Into::into));
+            match next {
+                Some(Ok(frame)) => client.push(copy.keep(frame)).await,
+                Some(Err(error)) => {
+                    copy.refuse(m::NotStored::BodyError);
+                    end = Some(Streamed::Error(error));
+                }
+                None => end = Some(Streamed::End),
+            }
+        }
+        if copy.storable {
+            self.complete(&head, copy.whole()).await;
+        } else {
+            self.release().await;
+        }
+        if let Some(end) = end {
+            client.push(end).await;
+        }
+        client.flush().await;
+    }
+
+    /// Stores the response, retrying a failing store briefly: giving up means a retry after the
+    /// lease expires runs the request again.
+    async fn complete(&mut self, parts: &http::response::Parts, body: Bytes) {
+        let stored = StoredResponse::new(parts.status, parts.headers.clone(), body);
+        let mut backoff = Duration::from_millis(50);
+        for attempt in 1..=COMPLETE_ATTEMPTS {
+            let store = &self.shared.store;
+            let result = self
+                .shared
+                .timed(m::Operation::Complete, async {
+                    store
+                        .complete(&self.key, self.token, &stored, self.policy.ttl)
+                        .await
+                })
+                .await;
+            match result {
+                Ok(()) => {
+                    self.settle();
+                    return;
+                }
+                Err(StoreError::LeaseLost) => {
+                    m::lease_lost();
+                    tracing::warn!(
+                        key = ?self.key,
+                        "lease lost before the response could be stored: another request took \
+                         it over after lock_ttl; its result stands and this one is discarded"
+                    );
+                    self.settle();
+                    return;
+                }
+                Err(error) if attempt < COMPLETE_ATTEMPTS => {
+                    tracing::warn!(%error, attempt, "storing the response failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+                Err(error) => {
+                    tracing::warn!(
+                        %error,
+                        "storing the response failed; a retry after lock_ttl will run again"
+                    );
+                    self.settle();
+                }
+            }
+        }
+    }
+
+    async fn release(&mut self) {
+        if self.settled {
+            return;
+        }
+        self.settle();
+        let store = &self.shared.store;
+        let result = self
+            .shared
+            .timed(m::Operation::Release, async {
+                store.release(&self.key, self.token).await
+            })
+            .await;
+        match result {
+            Ok(()) => {}
+            Err(StoreError::LeaseLost) => m::lease_lost(),
+            Err(error) => {
+                tracing::warn!(%error, "releasing a lease failed; it expires after lock_ttl")
+            }
+        }
+    }
+
+    fn settle(&mut self) {
+        if !self.settled {
+            self.settled = true;
+            m::lease_settled();
+        }
+    }
+}
+
+impl<St: IdempotencyStore> Drop for Lease<St> {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        self.settle();
+        let (shared, key, token) = (self.shared.clone(), self.key, self.token);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let store = &shared.store;
+                let _ = shared
+                    .timed(m::Operation::Release, store.release(&key, token))
+                    .await;
+            });
+        }
+    }
+}
+
+/// Keeps a lease alive every third of `lock_ttl` until dropped.
+async fn renew_until_dropped<St: IdempotencyStore>(
+    shared: Arc<Shared<St>>,
+    key: RecordKey,
+    token: LeaseToken,
+    policy: Arc<Policy>,
+) {
+    let every = policy.renew_every().max(Duration::from_millis(10));
+    let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let store = &shared.store;
+        let renewed = shared
+            .timed(
+                m::Operation::Renew,
+                store.renew(&key, token, policy.lock_ttl),
+            )
+            .await;
+        match renewed {
+            Ok(()) => {}
+            Err(StoreError::LeaseLost) => {
+                m::lease_lost();
+                tracing::warn!(?key, "lease lost while the request was running");
+                std::future::pending::<()>().await;
+            }
+            Err(error) => tracing::warn!(%error, "renewing a lease failed; will try again"),
+        }
+    }
+}
+
+/// The copy of a response body kept for the store.
+struct Copy {
+    chunks: Vec<Bytes>,
+    len: usize,
+    limit: usize,
+    storable: bool,
+}
+
+impl Copy {
+    fn new(limit: usize) -> Self {
+        Self {
+            chunks: Vec::new(),
+            len: 0,
+            limit,
+            storable: true,
+        }
+    }
+
+    /// Keeps a data frame's bytes (sharing, not copying, them) and returns the frame as a message
+    /// for the client. Trailers make the response unstorable: a replay could not repeat them.
+    fn keep(&mut self, frame: Frame<Bytes>) -> Streamed {
+        match frame.into_data() {
+            Ok(data) => {
+                if self.storable {
+                    self.len += data.len();
+                    if self.len > self.limit {
+                        self.refuse(m::NotStored::TooLarge);
+                    } else {
+                        self.chunks.push(data.clone());
+                    }
+                }
+                Streamed::Frame(Frame::data(data))
+            }
+            Err(frame) => {
+                self.refuse(m::NotStored::Trailers);
+                Streamed::Frame(frame)
+            }
+        }
+    }
+
+    fn refuse(&mut self, reason: m::NotStored) {
+        if self.storable {
+            m::not_stored(reason);
+            self.storable = false;
+            self.chunks = Vec::new();
+        }
+    }
+
+    /// The body as one buffer: no copy when it came in one frame.
+    fn whole(&self) -> Bytes {
+        match self.chunks.as_slice() {
+            [] => Bytes::new(),
+            [only] => only.clone(),
+            chunks => {
+                let mut whole = BytesMut::with_capacity(self.len);
+                for chunk in chunks {
+                    whole.extend_from_slice(chunk);
+                }
+                whole.freeze()
+            }
+        }
+    }
+}
+
+/// The client's end of a streamed response. The last message is held back until the next one
+/// arrives or the stream is flushed, which happens only after the record is stored: a client that
+/// has the whole body can rely on its retry being a replay.
+struct ClientStream {
+    sender: Option<mpsc::Sender<Streamed>>,
+    held: Option<Streamed>,
+}
+
+impl ClientStream {
+    async fn push(&mut self, message: Streamed) {
+        if let Some(previous) = self.held.replace(message) {
+            self.send(previous).await;
+        }
+    }
+
+    async fn flush(&mut self) {
+        if let Some(last) = self.held.take() {
+            self.send(last).await;
+        }
+    }
+
+    async fn send(&mut self, message: Streamed) {
+        if let Some(sender) = &self.sender {
+            if sender.send(message).await.is_err() {
+                self.sender = None;
+            }
+        }
+    }
+
+    fn is_gone(&self) -> bool {
+        self.sender.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whole_shares_a_single_frame() {
+        let mut copy = Copy::new(100);
+        let data = Bytes::from_static(b"hello");
+        copy.keep(Frame::data(data.clone()));
+        assert_eq!(copy.whole().as_ptr(), data.as_ptr());
+    }
+
+    #[test]
+    fn a_body_over_the_limit_is_not_storable() {
+        let mut copy = Copy::new(4);
+        copy.keep(Frame::data(Bytes::from_static(b"abc")));
+        assert!(copy.storable);
+        copy.keep(Frame::data(Bytes::from_static(b"de")));
+        assert!(!copy.storable);
+        assert!(copy.chunks.is_empty(), "an unstorable copy holds no memory");
+    }
+
+    #[test]
+    fn trailers_make_a_response_unstorable() {
+        let mut copy = Copy::new(100);
+        copy.keep(Frame::trailers(http::HeaderMap::new()));
+        assert!(!copy.storable);
+    }
+}

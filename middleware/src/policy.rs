@@ -1,0 +1,416 @@
+//! What the layer does for a request: which methods it covers, how long it keeps responses, what it
+//! does on conflicts and store outages. One [`Policy`] is the default; [`Routes`] can override it
+//! per path.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, Method, StatusCode};
+
+use crate::headers::IDEMPOTENCY_KEY;
+
+/// What to do when a request arrives while another with the same key is running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum OnConflict {
+    /// Answer `409 Conflict` with `Retry-After` at once.
+    #[default]
+    Reject,
+    /// Wait (woken by the store's completion notification) for the running request to finish, up
+    /// to [`Policy::wait_timeout`], then replay its response; `409` if it is still running.
+    Wait,
+}
+
+/// What to do when the store fails or cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum OnStoreError {
+    /// Answer `503 Service Unavailable` with `Retry-After`: never risk a second execution
+    /// (consistency over availability; the right choice for payments).
+    #[default]
+    Reject,
+    /// Run the request without protection and count it in `idempotency_requests_total` with
+    /// outcome `forwarded` (availability over consistency; for feeds and other harmless retries).
+    Forward,
+}
+
+/// The settings the layer applies to one request.
+///
+/// Built with `Policy::default()` and the `with_*` methods; checked with [`Policy::validate`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// Whether the layer acts at all. A disabled route passes every request through untouched.
+    pub enabled: bool,
+    /// Methods the layer covers; others pass through untouched. Default `POST`, `PATCH`.
+    pub methods: Vec<Method>,
+    /// Whether a covered request without a key is refused (`400`) rather than passed through.
+    pub required: bool,
+    /// The header carrying the key. Default `Idempotency-Key`.
+    pub header: HeaderName,
+    /// How long a completed response is kept for replay. Default 24 hours.
+    pub ttl: Duration,
+    /// How long a lease lasts without renewal; the layer renews every third of it while the
+    /// request runs, so this is how long a crashed holder blocks its key. Default 30 seconds.
+    pub lock_ttl: Duration,
+    /// What to do on a request whose key is in flight.
+    pub on_conflict: OnConflict,
+    /// How long [`OnConflict::Wait`] waits before answering `409`. Default 10 seconds.
+    pub wait_timeout: Duration,
+    /// What to do when the store fails.
+    pub on_store_error: OnStoreError,
+    /// Headers whose values identify the caller; the key is scoped to them. Default
+    /// `Authorization`. Ignored when the layer has a custom scope function.
+    pub scope_headers: Vec<HeaderName>,
+    /// Headers whose values take part in the request fingerprint, besides method, path, query
+    /// and body. Default none.
+    pub fingerprint_headers: Vec<HeaderName>,
+    /// Largest request body buffered for fingerprinting; larger bodies get `413`. Default 1 MiB.
+    pub max_request_body: usize,
+    /// Largest response body kept for replay; a larger one is streamed to the client and the lease
+    /// released, so a retry runs again. Default 8 MiB.
+    pub max_response_body: usize,
+    /// The `Retry-After` sent with `409` and `503`. Default 1 second.
+    pub retry_after: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            methods: vec![Method::POST, Method::PATCH],
+            required: false,
+            header: IDEMPOTENCY_KEY.clone(),
+            ttl: Duration::from_secs(24 * 60 * 60),
+            lock_ttl: Duration::from_secs(30),
+            on_conflict: OnConflict::Reject,
+            wait_timeout: Duration::from_secs(10),
+            on_store_error: OnStoreError::Reject,
+            scope_headers: vec![http::header::AUTHORIZATION],
+            fingerprint_headers: Vec::new(),
+            max_request_body: 1024 * 1024,
+            max_response_body: 8 * 1024 * 1024,
+            retry_after: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A policy value that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct PolicyError {
+    /// The offending field, as named in the proxy configuration.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+macro_rules! with_methods {
+    ($($(#[$doc:meta])* $name:ident: $field:ident: $ty:ty;)*) => {$(
+        $(#[$doc])*
+        #[must_use]
+        pub fn $name(mut self, value: impl Into<$ty>) -> Self {
+            self.$field = value.into();
+            self
+        }
+    )*};
+}
+
+impl Policy {
+    with_methods! {
+        /// Sets [`Policy::enabled`].
+        with_enabled: enabled: bool;
+        /// Sets [`Policy::methods`].
+        with_methods: methods: Vec<Method>;
+        /// Sets [`Policy::required`].
+        with_required: required: bool;
+        /// Sets [`Policy::header`].
+        with_header: header: HeaderName;
+        /// Sets [`Policy::ttl`].
+        with_ttl: ttl: Duration;
+        /// Sets [`Policy::lock_ttl`].
+        with_lock_ttl: lock_ttl: Duration;
+        /// Sets [`Policy::on_conflict`].
+        with_on_conflict: on_conflict: OnConflict;
+        /// Sets [`Policy::wait_timeout`].
+        with_wait_timeout: wait_timeout: Duration;
+        /// Sets [`Policy::on_store_error`].
+        with_on_store_error: on_store_error: OnStoreError;
+        /// Sets [`Policy::scope_headers`].
+        with_scope_headers: scope_headers: Vec<HeaderName>;
+        /// Sets [`Policy::fingerprint_headers`].
+        with_fingerprint_headers: fingerprint_headers: Vec<HeaderName>;
+        /// Sets [`Policy::max_request_body`].
+        with_max_request_body: max_request_body: usize;
+        /// Sets [`Policy::max_response_body`].
+        with_max_response_body: max_response_body: usize;
+        /// Sets [`Policy::retry_after`].
+        with_retry_after: retry_after: Duration;
+    }
+
+    /// Checks the values work together: durations are positive and a lease outlives its renewal
+    /// interval by a margin.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        let fail = |field, reason: &str| {
+            Err(PolicyError {
+                field,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.ttl < Duration::from_millis(1) {
+            return fail("ttl", "must be at least 1ms");
+        }
+        if self.lock_ttl < Duration::from_millis(30) {
+            // Renewal runs every lock_ttl / 3: below this it would hammer the store.
+            return fail("lock_ttl", "must be at least 30ms");
+        }
+        if self.enabled && self.methods.is_empty() {
+            return fail("methods", "must name at least one method");
+        }
+        if self.retry_after.is_zero() {
+            return fail("retry_after", "must be positive");
+        }
+        Ok(())
+    }
+
+    /// Whether a response with `status` is kept for replay: everything below 500. A server error
+    /// releases the lease so that a retry runs again.
+    pub fn is_storable(&self, status: StatusCode) -> bool {
+        !status.is_server_error()
+    }
+
+    pub(crate) fn covers(&self, method: &Method) -> bool {
+        self.enabled && self.methods.contains(method)
+    }
+
+    /// The renewal period: a third of the lease, so two renewals can fail before it lapses.
+    pub(crate) fn renew_every(&self) -> Duration {
+        self.lock_ttl / 3
+    }
+}
+
+/// A path pattern: segments separated by `/`, where `*` matches exactly one segment and a final
+/// `**` matches the rest of the path (zero or more segments).
+///
+/// ```
+/// use tower_idempotency::PathPattern;
+///
+/// let pattern: PathPattern = "/payments/*/refunds".parse().unwrap();
+/// assert!(pattern.matches("/payments/42/refunds"));
+/// assert!(!pattern.matches("/payments/42/43/refunds"));
+///
+/// let prefix: PathPattern = "/payments/**".parse().unwrap();
+/// assert!(prefix.matches("/payments"));
+/// assert!(prefix.matches("/payments/42/refunds"));
+/// assert!(!prefix.matches("/paymentsx"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathPattern {
+    source: String,
+    segments: Vec<Segment>,
+    rest: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    Any,
+}
+
+/// Why a path pattern was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid path pattern {pattern:?}: {reason}")]
+pub struct PatternError {
+    pattern: String,
+    reason: &'static str,
+}
+
+impl std::str::FromStr for PathPattern {
+    type Err = PatternError;
+
+    fn from_str(pattern: &str) -> Result<Self, Self::Err> {
+        let fail = |reason| PatternError {
+            pattern: pattern.to_owned(),
+            reason,
+        };
+        let Some(path) = pattern.strip_prefix('/') else {
+            return Err(fail("must start with '/'"));
+        };
+        let mut parts: Vec<&str> = path.split('/').collect();
+        let rest = parts.last() == Some(&"**");
+        if rest {
+            parts.pop();
+        }
+        // A trailing slash ("/a/") is the empty last segment, which keeps it distinct from "/a".
+        if parts == [""] && !rest {
+            parts.clear();
+        }
+        let segments = parts
+            .into_iter()
+            .map(|part| match part {
+                "*" => Ok(Segment::Any),
+                "**" => Err(fail("'**' is only allowed as the last segment")),
+                _ if part.contains('*') => Err(fail("'*' must be a whole segment")),
+                _ => Ok(Segment::Literal(part.to_owned())),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            source: pattern.to_owned(),
+            segments,
+            rest,
+        })
+    }
+}
+
+impl std::fmt::Display for PathPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.source)
+    }
+}
+
+impl PathPattern {
+    /// Whether `path` (without query) matches.
+    pub fn matches(&self, path: &str) -> bool {
+        let Some(path) = path.strip_prefix('/') else {
+            return false;
+        };
+        let mut parts = path.split('/');
+        if path.is_empty() {
+            // "/" has no segments at all.
+            parts.next();
+        }
+        for segment in &self.segments {
+            match (segment, parts.next()) {
+                (Segment::Any, Some(_)) => {}
+                (Segment::Literal(literal), Some(part)) if literal == part => {}
+                _ => return false,
+            }
+        }
+        self.rest || parts.next().is_none()
+    }
+}
+
+/// Per-route policies: the first pattern that matches the request path wins, else the default.
+#[derive(Debug, Clone)]
+pub struct Routes {
+    default: Arc<Policy>,
+    routes: Vec<(PathPattern, Arc<Policy>)>,
+}
+
+impl Routes {
+    /// Routes that apply `default` everywhere.
+    pub fn new(default: Policy) -> Self {
+        Self {
+            default: Arc::new(default),
+            routes: Vec::new(),
+        }
+    }
+
+    /// Adds a route after the existing ones.
+    #[must_use]
+    pub fn route(mut self, pattern: PathPattern, policy: Policy) -> Self {
+        self.routes.push((pattern, Arc::new(policy)));
+        self
+    }
+
+    /// The policy for `path`.
+    pub fn policy_for(&self, path: &str) -> &Arc<Policy> {
+        self.routes
+            .iter()
+            .find(|(pattern, _)| pattern.matches(path))
+            .map_or(&self.default, |(_, policy)| policy)
+    }
+
+    /// The default policy.
+    pub fn default_policy(&self) -> &Policy {
+        &self.default
+    }
+
+    /// The routes in match order.
+    pub fn iter(&self) -> impl Iterator<Item = (&PathPattern, &Policy)> {
+        self.routes
+            .iter()
+            .map(|(pattern, policy)| (pattern, policy.as_ref()))
+    }
+
+    /// Validates the default and every route's policy.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        self.default.validate()?;
+        self.routes
+            .iter()
+            .try_for_each(|(_, policy)| policy.validate())
+    }
+}
+
+impl Default for Routes {
+    fn default() -> Self {
+        Self::new(Policy::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pattern(source: &str) -> PathPattern {
+        source.parse().unwrap()
+    }
+
+    #[test]
+    fn single_star_matches_exactly_one_segment() {
+        let p = pattern("/a/*/c");
+        assert!(p.matches("/a/b/c"));
+        assert!(!p.matches("/a/c"));
+        assert!(!p.matches("/a/b/x/c"));
+        assert!(!p.matches("/a/b/c/d"));
+    }
+
+    #[test]
+    fn double_star_matches_the_rest_including_nothing() {
+        let p = pattern("/a/**");
+        assert!(p.matches("/a"));
+        assert!(p.matches("/a/"));
+        assert!(p.matches("/a/b/c"));
+        assert!(!p.matches("/ab"));
+        assert!(!p.matches("/"));
+        assert!(pattern("/**").matches("/"));
+        assert!(pattern("/**").matches("/anything/at/all"));
+    }
+
+    #[test]
+    fn literals_match_exactly() {
+        assert!(pattern("/").matches("/"));
+        assert!(!pattern("/").matches("/a"));
+        assert!(pattern("/a").matches("/a"));
+        assert!(!pattern("/a").matches("/a/"));
+        assert!(pattern("/a/").matches("/a/"));
+    }
+
+    #[test]
+    fn malformed_patterns_are_refused() {
+        for bad in ["a/b", "/a/**/b", "/a*", "/**x", ""] {
+            assert!(bad.parse::<PathPattern>().is_err(), "{bad} must be refused");
+        }
+    }
+
+    #[test]
+    fn first_matching_route_wins() {
+        let routes = Routes::new(Policy::default())
+            .route(
+                pattern("/payments/**"),
+                Policy::default().with_required(true),
+            )
+            .route(pattern("/**"), Policy::default().with_enabled(false));
+        assert!(routes.policy_for("/payments/1").required);
+        assert!(!routes.policy_for("/feed").enabled);
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let error = Policy::default()
+            .with_lock_ttl(Duration::from_millis(1))
+            .validate()
+            .unwrap_err();
+        assert_eq!(error.field, "lock_ttl");
+        assert!(Policy::default().validate().is_ok());
+    }
+}

@@ -1,0 +1,199 @@
+//! Error answers as `application/problem+json` (RFC 9457).
+//!
+//! Every answer the layer (and the proxy) produces itself carries a stable `type` URI naming its
+//! kind, so clients can branch on it instead of parsing `detail`. The URIs point at the sections
+//! below.
+//!
+//! # missing-key
+//! `400`: the route requires an idempotency key and the request has none.
+//!
+//! # invalid-key
+//! `400`: the key is empty, longer than 255 bytes, not visible ASCII, a malformed quoted string,
+//! or the header is repeated.
+//!
+//! # invalid-body
+//! `400`: the request body could not be read.
+//!
+//! # body-too-large
+//! `413`: the request body is larger than the route's `max_request_body`. Nothing was stored and
+//! nothing was forwarded.
+//!
+//! # key-reused
+//! `422`: the key was already used for a different request (method, path, query, body or
+//! fingerprinted headers differ). Use a new key for a new operation.
+//!
+//! # in-flight
+//! `409`: a request with this key is still running. Retry after `Retry-After` seconds.
+//!
+//! # store-unavailable
+//! `503`: the idempotency store failed, and the route prefers refusing to running a request twice.
+//! Retry after `Retry-After` seconds.
+//!
+//! # upstream-unavailable
+//! `502` (proxy): the upstream refused the connection or failed before answering.
+//!
+//! # upstream-timeout
+//! `504` (proxy): the upstream did not answer within the proxy's upstream timeout.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+/// Where the `type` URIs point.
+pub const TYPE_BASE: &str = "https://docs.rs/tower-idempotency/latest/tower_idempotency/problem/";
+
+/// The kinds of error answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProblemKind {
+    /// `400`, see [the module docs](self#missing-key).
+    MissingKey,
+    /// `400`, see [the module docs](self#invalid-key).
+    InvalidKey,
+    /// `400`, see [the module docs](self#invalid-body).
+    InvalidBody,
+    /// `413`, see [the module docs](self#body-too-large).
+    BodyTooLarge,
+    /// `422`, see [the module docs](self#key-reused).
+    KeyReused,
+    /// `409`, see [the module docs](self#in-flight).
+    InFlight,
+    /// `503`, see [the module docs](self#store-unavailable).
+    StoreUnavailable,
+    /// `502`, see [the module docs](self#upstream-unavailable).
+    UpstreamUnavailable,
+    /// `504`, see [the module docs](self#upstream-timeout).
+    UpstreamTimeout,
+}
+
+impl ProblemKind {
+    /// The slug at the end of the `type` URI.
+    pub fn slug(self) -> &'static str {
+        match self {
+            Self::MissingKey => "missing-key",
+            Self::InvalidKey => "invalid-key",
+            Self::InvalidBody => "invalid-body",
+            Self::BodyTooLarge => "body-too-large",
+            Self::KeyReused => "key-reused",
+            Self::InFlight => "in-flight",
+            Self::StoreUnavailable => "store-unavailable",
+            Self::UpstreamUnavailable => "upstream-unavailable",
+            Self::UpstreamTimeout => "upstream-timeout",
+        }
+    }
+
+    /// The HTTP status of this kind.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::MissingKey | Self::InvalidKey | Self::InvalidBody => StatusCode::BAD_REQUEST,
+            Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::InFlight => StatusCode::CONFLICT,
+            Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The short, fixed summary.
+    pub fn title(self) -> &'static str {
+        match self {
+            Self::MissingKey => "Idempotency key required",
+            Self::InvalidKey => "Invalid idempotency key",
+            Self::InvalidBody => "Request body could not be read",
+            Self::BodyTooLarge => "Request body too large",
+            Self::KeyReused => "Idempotency key reused for a different request",
+            Self::InFlight => "Request with this idempotency key is in progress",
+            Self::StoreUnavailable => "Idempotency store unavailable",
+            Self::UpstreamUnavailable => "Upstream unavailable",
+            Self::UpstreamTimeout => "Upstream timed out",
+        }
+    }
+
+    /// The `type` URI.
+    pub fn type_uri(self) -> String {
+        format!("{TYPE_BASE}#{}", self.slug())
+    }
+}
+
+/// A problem answer under construction.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    kind: ProblemKind,
+    detail: String,
+    retry_after: Option<Duration>,
+}
+
+impl Problem {
+    /// A problem of `kind` explained by `detail`.
+    pub fn new(kind: ProblemKind, detail: impl Into<String>) -> Self {
+        Self {
+            kind,
+            detail: detail.into(),
+            retry_after: None,
+        }
+    }
+
+    /// Adds a `Retry-After` header (whole seconds, at least 1).
+    #[must_use]
+    pub fn retry_after(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+
+    /// The kind.
+    pub fn kind(&self) -> ProblemKind {
+        self.kind
+    }
+
+    /// The JSON document.
+    pub fn body(&self) -> Bytes {
+        let document = serde_json::json!({
+            "type": self.kind.type_uri(),
+            "title": self.kind.title(),
+            "status": self.kind.status().as_u16(),
+            "detail": self.detail,
+        });
+        Bytes::from(document.to_string())
+    }
+
+    /// The response, with a body built by `body`.
+    pub fn into_response<B>(self, body: impl FnOnce(Bytes) -> B) -> Response<B> {
+        let mut response = Response::new(body(self.body()));
+        *response.status_mut() = self.kind.status();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(after) = self.retry_after {
+            let seconds = after.as_secs_f64().ceil().max(1.0) as u64;
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_rfc_9457_members_and_retry_after() {
+        let response = Problem::new(ProblemKind::InFlight, "key \"k\" is running")
+            .retry_after(Duration::from_millis(1500))
+            .into_response(|body| body);
+        assert_eq!(response.status(), StatusCode::CONFLICT);
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
+        assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+        let json: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+        assert_eq!(json["type"], format!("{TYPE_BASE}#in-flight"));
+        assert_eq!(json["status"], 409);
+        assert_eq!(json["title"], ProblemKind::InFlight.title());
+        assert_eq!(json["detail"], "key \"k\" is running");
+    }
+}

@@ -1,0 +1,394 @@
+//! The in-process store.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use super::{Begin, CompletionNotifier, IdempotencyStore, LeaseToken, StoreError, Subscription};
+use crate::fingerprint::Fingerprint;
+use crate::record::StoredResponse;
+use crate::scope::RecordKey;
+
+const SHARDS: usize = 64;
+/// Expired records removed inline per write, so a busy shard never needs a long sweep.
+const INLINE_PURGE_BUDGET: usize = 8;
+const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// An in-process store: fast, and gone when the process exits.
+///
+/// Right for tests, development and a single instance that can afford to forget its records on
+/// restart. Records live in 64 independently locked shards, so concurrent requests rarely contend;
+/// responses are kept in their compact encoded form.
+///
+/// Expired records are removed by a background sweeper (started when the store is created inside
+/// a tokio runtime; it stops when the last clone of the store is dropped) and a few at a time by
+/// every write, so memory stays bounded by what is live.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use tower_idempotency::{IdempotencyLayer, MemoryStore};
+///
+/// let layer = IdempotencyLayer::new(MemoryStore::new());
+/// # drop(layer); }
+/// ```
+#[derive(Clone, Debug)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    shards: Box<[Mutex<Shard>]>,
+    notifier: CompletionNotifier,
+    // One counter for every key keeps tokens increasing per key even across a record's deletion.
+    next_token: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Shard {
+    records: HashMap<RecordKey, Record, BuildHasherDefault<DigestHasher>>,
+    // Deadlines to revisit, possibly stale (a renewed or completed record pushes a new one); a
+    // popped deadline only removes the record if the record's own deadline has passed.
+    deadlines: BinaryHeap<Reverse<(Instant, RecordKey)>>,
+}
+
+#[derive(Debug)]
+struct Record {
+    fingerprint: Fingerprint,
+    state: State,
+}
+
+#[derive(Debug)]
+enum State {
+    InFlight {
+        token: u64,
+        lease_until: Instant,
+    },
+    Completed {
+        response: Bytes,
+        expires_at: Instant,
+    },
+}
+
+impl Record {
+    fn deadline(&self) -> Instant {
+        match self.state {
+            State::InFlight { lease_until, .. } => lease_until,
+            State::Completed { expires_at, .. } => expires_at,
+        }
+    }
+}
+
+/// Record keys are sha256 digests already: their first bytes are as good as any hash.
+#[derive(Default)]
+struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8).take(1) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 ^= u64::from_le_bytes(word);
+        }
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryStore {
+    /// An empty store. Inside a tokio runtime this also starts the expiry sweeper.
+    pub fn new() -> Self {
+        Self::with_sweep_interval(DEFAULT_SWEEP_INTERVAL)
+    }
+
+    /// An empty store whose sweeper runs every `interval`.
+    pub fn with_sweep_interval(interval: Duration) -> Self {
+        let store = Self {
+            inner: Arc::new(Inner {
+                shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+                notifier: CompletionNotifier::new(),
+                next_token: AtomicU64::new(1),
+            }),
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(sweep(Arc::downgrade(&store.inner), interval));
+        }
+        store
+    }
+
+    /// Removes every expired record now; returns how many were removed.
+    pub fn purge_expired(&self) -> usize {
+        let now = Instant::now();
+        self.inner
+            .shards
+            .iter()
+            .map(|shard| lock(shard).purge(now, usize::MAX))
+            .sum()
+    }
+
+    /// The number of records held, live or awaiting removal.
+    pub fn len(&self) -> usize {
+        self.inner
+            .shards
+            .iter()
+            .map(|shard| lock(shard).records.len())
+            .sum()
+    }
+
+    /// Whether the store holds no record.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn shard(&self, key: &RecordKey) -> MutexGuard<'_, Shard> {
+        lock(&self.inner.shards[usize::from(key.as_bytes()[31]) % SHARDS])
+    }
+
+    /// Applies `change` to the in-flight record of `key` held by `token`.
+    fn with_lease<T>(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        change: impl FnOnce(&mut Shard, Instant) -> T,
+    ) -> Result<T, StoreError> {
+        let now = Instant::now();
+        let mut shard = self.shard(key);
+        match shard.records.get(key) {
+            Some(Record {
+                state: State::InFlight { token: held, .. },
+                ..
+            }) if *held == token.0 => Ok(change(&mut shard, now)),
+            _ => Err(StoreError::LeaseLost),
+        }
+    }
+}
+
+fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    // Every change to a shard is a single map or heap operation: a panic cannot leave it torn.
+    shard.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shard {
+    fn set(&mut self, key: RecordKey, record: Record) {
+        self.deadlines.push(Reverse((record.deadline(), key)));
+        self.records.insert(key, record);
+    }
+
+    fn purge(&mut self, now: Instant, budget: usize) -> usize {
+        let mut removed = 0;
+        for _ in 0..budget {
+            match self.deadlines.peek() {
+                Some(Reverse((deadline, _))) if *deadline <= now => {}
+                _ => break,
+            }
+            let Some(Reverse((_, key))) = self.deadlines.pop() else {
+                break;
+            };
+            if self
+                .records
+                .get(&key)
+                .is_some_and(|record| record.deadline() <= now)
+            {
+                self.records.remove(&key);
+                removed += 1;
+            }
+        }
+        removed
+    }
+}
+
+async fn sweep(store: Weak<Inner>, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let Some(inner) = store.upgrade() else { return };
+        MemoryStore { inner }.purge_expired();
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for MemoryStore {
+    async fn begin(
+        &self,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        lock_ttl: Duration,
+    ) -> Result<Begin, StoreError> {
+        let now = Instant::now();
+        let mut shard = self.shard(key);
+        if let Some(record) = shard.records.get(key) {
+            match &record.state {
+                State::InFlight { lease_until, .. } if *lease_until > now => {
+                    return Ok(if record.fingerprint == *fingerprint {
+                        Begin::InFlight
+                    } else {
+                        Begin::Mismatch
+                    });
+                }
+                State::Completed {
+                    response,
+                    expires_at,
+                } if *expires_at > now => {
+                    if record.fingerprint != *fingerprint {
+                        return Ok(Begin::Mismatch);
+                    }
+                    let response = response.clone();
+                    drop(shard);
+                    return Ok(Begin::Completed(StoredResponse::decode(response)?));
+                }
+                // Expired lease or record: taken over below.
+                _ => {}
+            }
+        }
+        let token = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
+        shard.purge(now, INLINE_PURGE_BUDGET);
+        shard.set(
+            *key,
+            Record {
+                fingerprint: *fingerprint,
+                state: State::InFlight {
+                    token,
+                    lease_until: now + lock_ttl,
+                },
+            },
+        );
+        Ok(Begin::Acquired {
+            token: LeaseToken(token),
+        })
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let encoded = response.encode();
+        self.with_lease(key, token, |shard, now| {
+            let fingerprint = shard.records[key].fingerprint;
+            shard.set(
+                *key,
+                Record {
+                    fingerprint,
+                    state: State::Completed {
+                        response: encoded,
+                        expires_at: now + ttl,
+                    },
+                },
+            );
+        })?;
+        self.inner.notifier.notify(key);
+        Ok(())
+    }
+
+    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
+        self.with_lease(key, token, |shard, _| shard.records.remove(key))?;
+        self.inner.notifier.notify(key);
+        Ok(())
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        lock_ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.with_lease(key, token, |shard, now| {
+            let lease_until = now + lock_ttl;
+            if let Some(Record {
+                state: State::InFlight {
+                    lease_until: at, ..
+                },
+                ..
+            }) = shard.records.get_mut(key)
+            {
+                *at = lease_until;
+            }
+            shard.deadlines.push(Reverse((lease_until, *key)));
+        })
+    }
+
+    fn subscribe(&self, key: &RecordKey) -> Subscription {
+        self.inner.notifier.subscribe(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scope::Scope;
+
+    fn key(i: u32) -> RecordKey {
+        RecordKey::new(&Scope::anonymous(), &i.to_be_bytes())
+    }
+
+    #[tokio::test]
+    async fn expired_records_are_purged_not_leaked() {
+        let store = MemoryStore::with_sweep_interval(Duration::from_secs(3600));
+        let fingerprint = Fingerprint::from_bytes([1; 32]);
+        for i in 0..1000 {
+            let Begin::Acquired { token } = store
+                .begin(&key(i), &fingerprint, Duration::from_secs(60))
+                .await
+                .unwrap()
+            else {
+                panic!("fresh key must be acquired")
+            };
+            let response =
+                StoredResponse::new(http::StatusCode::OK, Default::default(), "x".into());
+            store
+                .complete(&key(i), token, &response, Duration::from_millis(500))
+                .await
+                .unwrap();
+        }
+        assert_eq!(store.len(), 1000);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(store.purge_expired(), 1000);
+        assert!(store.is_empty());
+        let heap_entries: usize = store
+            .inner
+            .shards
+            .iter()
+            .map(|shard| lock(shard).deadlines.len())
+            .sum();
+        assert_eq!(
+            heap_entries, 1000,
+            "only the unexpired lease deadlines remain"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_sweeper_removes_expired_records_without_traffic() {
+        let store = MemoryStore::with_sweep_interval(Duration::from_millis(10));
+        let fingerprint = Fingerprint::from_bytes([1; 32]);
+        store
+            .begin(&key(1), &fingerprint, Duration::from_millis(5))
+            .await
+            .unwrap();
+        assert_eq!(store.len(), 1);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !store.is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the sweeper must remove the expired lease");
+    }
+}

@@ -1,0 +1,206 @@
+//! The store contract and its backends.
+//!
+//! A store keeps one record per [`RecordKey`]. A record is either **in flight** (a request holds
+//! a lease on it) or **completed** (it holds the response to replay). Every backend implements
+//! [`IdempotencyStore`] and passes the same [`conformance`](crate::conformance) suite.
+//!
+//! | backend | feature | shared by | waiters woken by | expiry |
+//! |---|---|---|---|---|
+//! | [`MemoryStore`] | `memory` | one process | in-process notify | sweeper task |
+//! | `SqliteStore` | `sqlite` | one process | in-process notify | `expires_at` + reaper |
+//! | `PostgresStore` | `postgres` | a fleet | `LISTEN`/`NOTIFY` | `expires_at` + reaper |
+//! | `RedisStore` | `redis` | a fleet | pub/sub | key TTL |
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::BoxError;
+use crate::fingerprint::Fingerprint;
+use crate::record::{DecodeError, StoredResponse};
+use crate::scope::RecordKey;
+
+mod notify;
+pub use notify::{CompletionNotifier, Subscription};
+
+#[cfg(feature = "memory")]
+mod memory;
+#[cfg(feature = "memory")]
+pub use memory::MemoryStore;
+
+/// The fencing token of a lease.
+///
+/// Tokens are compared for equality only by stores, but their order carries a promise: a token
+/// issued for a key is larger than every token issued for that key before it, including tokens of
+/// records that have since expired and been deleted. A stale holder therefore can never complete,
+/// renew or release a lease that was taken over or re-acquired after it lost its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LeaseToken(pub u64);
+
+impl fmt::Display for LeaseToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// What [`IdempotencyStore::begin`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Begin {
+    /// No live record existed (or the previous holder's lease had expired): the caller now holds
+    /// the lease and must run the request, then `complete` or `release`.
+    Acquired {
+        /// The fencing token to pass to `complete`, `renew` and `release`.
+        token: LeaseToken,
+    },
+    /// A completed record with the same fingerprint: replay it.
+    Completed(StoredResponse),
+    /// Another request with the same fingerprint holds a live lease.
+    InFlight,
+    /// A live record (in flight or completed) has a different fingerprint: the key was reused for
+    /// a different request.
+    Mismatch,
+}
+
+/// A store operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The token no longer holds the lease: it expired and was taken over, the record was
+    /// completed or released, or it expired and was re-acquired.
+    #[error("the lease is no longer held by this token")]
+    LeaseLost,
+    /// A stored record could not be decoded.
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(#[from] DecodeError),
+    /// The operation did not finish within the store timeout.
+    #[error("store operation timed out after {0:?}")]
+    Timeout(Duration),
+    /// The backend failed: unreachable, refused, or returned an unexpected answer.
+    #[error("store backend error: {0}")]
+    Backend(#[source] BoxError),
+}
+
+impl StoreError {
+    /// Wraps a backend error.
+    pub fn backend(error: impl Into<BoxError>) -> Self {
+        Self::Backend(error.into())
+    }
+}
+
+/// Storage for idempotency records, with leases and fencing.
+///
+/// # Contract
+///
+/// Every implementation must uphold the following; [`conformance`](crate::conformance) checks
+/// each point against a real instance of the backend.
+///
+/// * **Atomic begin.** Of any number of concurrent `begin` calls for one key, at most one returns
+///   [`Begin::Acquired`] while its lease is live. The others see `InFlight` (same fingerprint) or
+///   `Mismatch` (different fingerprint).
+/// * **Lease expiry and takeover.** A lease not renewed for `lock_ttl` expires. The next `begin`
+///   for the key acquires it, whatever that request's fingerprint, with a token larger than the
+///   expired one (see [`LeaseToken`]).
+/// * **Fencing.** `complete`, `renew` and `release` succeed only for the token of the current,
+///   in-flight lease; any other token gets [`StoreError::LeaseLost`] and changes nothing. A lease
+///   whose `lock_ttl` passed without a takeover may still be completed or released by its holder.
+/// * **Replay.** After `complete`, `begin` with the same fingerprint returns
+///   [`Begin::Completed`] with the stored status, headers (all values, in order) and body, for
+///   `ttl` after completion; with another fingerprint it returns `Mismatch`. After `ttl` the record
+///   is gone and `begin` acquires afresh.
+/// * **Release.** After `release`, the key is free: the next `begin` acquires.
+/// * **Notification.** `complete` and `release` wake every [`Subscription`] of the key, in this
+///   process and (for shared stores) in every other process using the store, usually within
+///   milliseconds. A subscription is armed from the moment [`Subscription::notified`] returns, so
+///   the sequence *arm, begin, await* never misses a completion that happens after `begin`.
+/// * **Expiry is enforced on read**: an expired record is never replayed, whether or not a
+///   background task has deleted it yet, and expired records do not accumulate without bound.
+/// * **Independence.** Records of different keys never affect each other.
+#[async_trait]
+pub trait IdempotencyStore: Send + Sync + 'static {
+    /// Looks up `key` and, if it is free, takes a lease on it for `lock_ttl`. One round trip.
+    async fn begin(
+        &self,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        lock_ttl: Duration,
+    ) -> Result<Begin, StoreError>;
+
+    /// Stores `response` for `ttl` if `token` still holds the lease, and wakes subscribers.
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// Gives the lease up without storing a response, so a retry runs again; wakes subscribers.
+    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError>;
+
+    /// Extends the lease to `lock_ttl` from now if `token` still holds it.
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        lock_ttl: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// Registers interest in the next completion or release of `key`.
+    fn subscribe(&self, key: &RecordKey) -> Subscription;
+
+    /// Checks that the store can be reached (for readiness probes).
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+macro_rules! forward_store_impl {
+    ($($ty:ty),*) => {$(
+        #[async_trait]
+        impl<S: IdempotencyStore + ?Sized> IdempotencyStore for $ty {
+            async fn begin(
+                &self,
+                key: &RecordKey,
+                fingerprint: &Fingerprint,
+                lock_ttl: Duration,
+            ) -> Result<Begin, StoreError> {
+                (**self).begin(key, fingerprint, lock_ttl).await
+            }
+
+            async fn complete(
+                &self,
+                key: &RecordKey,
+                token: LeaseToken,
+                response: &StoredResponse,
+                ttl: Duration,
+            ) -> Result<(), StoreError> {
+                (**self).complete(key, token, response, ttl).await
+            }
+
+            async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
+                (**self).release(key, token).await
+            }
+
+            async fn renew(
+                &self,
+                key: &RecordKey,
+                token: LeaseToken,
+                lock_ttl: Duration,
+            ) -> Result<(), StoreError> {
+                (**self).renew(key, token, lock_ttl).await
+            }
+
+            fn subscribe(&self, key: &RecordKey) -> Subscription {
+                (**self).subscribe(key)
+            }
+
+            async fn ping(&self) -> Result<(), StoreError> {
+                (**self).ping().await
+            }
+        }
+    )*};
+}
+
+forward_store_impl!(Arc<S>, Box<S>);

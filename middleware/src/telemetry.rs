@@ -1,0 +1,154 @@
+//! Metrics the layer emits through the [`metrics`] facade.
+//!
+//! Nothing is recorded unless the application installs a recorder (the proxy installs a
+//! Prometheus one). No metric carries a key, a scope or any other request data as a label.
+//!
+//! | name | kind | labels |
+//! |---|---|---|
+//! | `idempotency_requests_total` | counter | `outcome`: see [`Outcome`] |
+//! | `idempotency_store_duration_seconds` | histogram | `operation`: `begin`, `complete`, `release`, `renew` |
+//! | `idempotency_store_errors_total` | counter | `operation` |
+//! | `idempotency_leases_in_flight` | gauge | |
+//! | `idempotency_leases_lost_total` | counter | |
+//! | `idempotency_responses_not_stored_total` | counter | `reason`: see [`NotStored`] |
+
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+
+use crate::store::StoreError;
+
+/// Counter of covered, keyed requests by outcome.
+pub const REQUESTS_TOTAL: &str = "idempotency_requests_total";
+/// Histogram of store call latency.
+pub const STORE_DURATION_SECONDS: &str = "idempotency_store_duration_seconds";
+/// Counter of failed store calls.
+pub const STORE_ERRORS_TOTAL: &str = "idempotency_store_errors_total";
+/// Gauge of leases this process holds.
+pub const LEASES_IN_FLIGHT: &str = "idempotency_leases_in_flight";
+/// Counter of leases found taken over by another request.
+pub const LEASES_LOST_TOTAL: &str = "idempotency_leases_lost_total";
+/// Counter of responses produced under a lease but not kept for replay.
+pub const RESPONSES_NOT_STORED_TOTAL: &str = "idempotency_responses_not_stored_total";
+
+/// What happened to a request the layer covered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// Ran under a new lease.
+    Executed,
+    /// Answered from a stored response.
+    Replayed,
+    /// `409`: its key was in flight.
+    Conflict,
+    /// `422`: its key was used for a different request.
+    Mismatch,
+    /// `503`: the store failed and the route rejects on store errors.
+    Rejected,
+    /// Ran unprotected: the store failed and the route forwards on store errors.
+    Forwarded,
+    /// `413`: its body was over the limit.
+    TooLarge,
+    /// `400`: its key was invalid.
+    InvalidKey,
+    /// `400`: the route requires a key and it had none.
+    MissingKey,
+    /// `400`: its body could not be read.
+    InvalidBody,
+}
+
+impl Outcome {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Executed => "executed",
+            Self::Replayed => "replayed",
+            Self::Conflict => "conflict",
+            Self::Mismatch => "mismatch",
+            Self::Rejected => "rejected",
+            Self::Forwarded => "forwarded",
+            Self::TooLarge => "too_large",
+            Self::InvalidKey => "invalid_key",
+            Self::MissingKey => "missing_key",
+            Self::InvalidBody => "invalid_body",
+        }
+    }
+}
+
+/// Why a response produced under a lease was not stored (the lease was released instead).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NotStored {
+    /// A 5xx status.
+    ServerError,
+    /// The body was over `max_response_body`.
+    TooLarge,
+    /// The response had trailers, which a replay cannot repeat.
+    Trailers,
+    /// Reading the body failed.
+    BodyError,
+    /// The inner service returned an error instead of a response.
+    InnerError,
+}
+
+impl NotStored {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ServerError => "server_error",
+            Self::TooLarge => "too_large",
+            Self::Trailers => "trailers",
+            Self::BodyError => "body_error",
+            Self::InnerError => "inner_error",
+        }
+    }
+}
+
+/// A store operation, as labelled in metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Operation {
+    Begin,
+    Complete,
+    Release,
+    Renew,
+}
+
+impl Operation {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Begin => "begin",
+            Self::Complete => "complete",
+            Self::Release => "release",
+            Self::Renew => "renew",
+        }
+    }
+}
+
+pub(crate) fn outcome(outcome: Outcome) {
+    counter!(REQUESTS_TOTAL, "outcome" => outcome.as_str()).increment(1);
+}
+
+pub(crate) fn not_stored(reason: NotStored) {
+    counter!(RESPONSES_NOT_STORED_TOTAL, "reason" => reason.as_str()).increment(1);
+}
+
+pub(crate) fn store_call<T>(operation: Operation, took: Duration, result: &Result<T, StoreError>) {
+    histogram!(STORE_DURATION_SECONDS, "operation" => operation.as_str()).record(took);
+    if let Err(error) = result {
+        if !matches!(error, StoreError::LeaseLost) {
+            counter!(STORE_ERRORS_TOTAL, "operation" => operation.as_str()).increment(1);
+        }
+    }
+}
+
+pub(crate) fn lease_acquired() {
+    gauge!(LEASES_IN_FLIGHT).increment(1.0);
+}
+
+pub(crate) fn lease_settled() {
+    gauge!(LEASES_IN_FLIGHT).decrement(1.0);
+}
+
+pub(crate) fn lease_lost() {
+    counter!(LEASES_LOST_TOTAL).increment(1);
+}
