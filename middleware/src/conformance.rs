@@ -41,7 +41,58 @@ const NOTIFY_WITHIN: Duration = Duration::from_secs(5);
 #[macro_export]
 macro_rules! store_conformance_tests {
     ($factory:expr) => {
-        $crate::store_conformance_tests!(@each $factory;
+        $crate::__conformance_checks!(__conformance_test_fns; $factory);
+    };
+}
+
+/// Runs every contract check one after another, each on a fresh store from `$factory`; evaluates
+/// to a future. For fixtures too costly to build once per test, such as a Redis Cluster:
+///
+/// ```
+/// # #[tokio::main] async fn main() {
+/// tower_idempotency::store_conformance_run_all!(|| async {
+///     tower_idempotency::MemoryStore::new()
+/// })
+/// .await;
+/// # }
+/// ```
+#[macro_export]
+macro_rules! store_conformance_run_all {
+    ($factory:expr) => {
+        $crate::__conformance_checks!(__conformance_sequence; $factory)
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_test_fns {
+    ($factory:expr; $($check:ident),*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn $check() {
+            let store = ($factory)().await;
+            $crate::conformance::$check(store).await;
+        }
+    )*};
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_sequence {
+    ($factory:expr; $($check:ident),*) => {
+        async {
+            $(
+                $crate::conformance::$check(($factory)().await).await;
+            )*
+        }
+    };
+}
+
+/// The one list of checks, so the per-test and the sequential forms never drift apart.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_checks {
+    ($then:ident; $factory:expr) => {
+        $crate::$then! { $factory;
             begin_acquires_a_free_key,
             concurrent_begins_acquire_once,
             concurrent_begins_with_different_fingerprints_acquire_once,
@@ -61,15 +112,8 @@ macro_rules! store_conformance_tests {
             keys_are_independent,
             large_responses_round_trip,
             many_keys_complete_and_replay_concurrently
-        );
-    };
-    (@each $factory:expr; $($check:ident),* $(,)?) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-        async fn $check() {
-            let store = ($factory)().await;
-            $crate::conformance::$check(store).await;
         }
-    )*};
+    };
 }
 
 fn key(name: &str) -> RecordKey {

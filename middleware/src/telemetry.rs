@@ -134,10 +134,10 @@ pub(crate) fn not_stored(reason: NotStored) {
 
 pub(crate) fn store_call<T>(operation: Operation, took: Duration, result: &Result<T, StoreError>) {
     histogram!(STORE_DURATION_SECONDS, "operation" => operation.as_str()).record(took);
-    if let Err(error) = result {
-        if !matches!(error, StoreError::LeaseLost) {
-            counter!(STORE_ERRORS_TOTAL, "operation" => operation.as_str()).increment(1);
-        }
+    if let Err(error) = result
+        && !matches!(error, StoreError::LeaseLost)
+    {
+        counter!(STORE_ERRORS_TOTAL, "operation" => operation.as_str()).increment(1);
     }
 }
 

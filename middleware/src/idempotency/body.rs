@@ -192,7 +192,7 @@ where
             ResponseKind::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |data| data.len() as u64))
             }
-            ResponseKind::Streamed { size_hint, .. } => size_hint.clone(),
+            ResponseKind::Streamed { size_hint, .. } => *size_hint,
         }
     }
 }

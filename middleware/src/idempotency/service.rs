@@ -719,10 +719,10 @@ impl ClientStream {
     }
 
     async fn send(&mut self, message: Streamed) {
-        if let Some(sender) = &self.sender {
-            if sender.send(message).await.is_err() {
-                self.sender = None;
-            }
+        if let Some(sender) = &self.sender
+            && sender.send(message).await.is_err()
+        {
+            self.sender = None;
         }
     }
 

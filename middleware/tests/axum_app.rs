@@ -1,0 +1,701 @@
+//! The layer in a real axum app, served on a real socket, driven by a real HTTP client.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{Next, from_fn};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use futures_util::StreamExt;
+use reqwest::header::{AUTHORIZATION, HeaderValue};
+use serde::Deserialize;
+use tower_idempotency::fingerprint::Fingerprint;
+use tower_idempotency::record::StoredResponse;
+use tower_idempotency::store::Subscription;
+use tower_idempotency::{
+    Begin, IdempotencyLayer, IdempotencyStore, LeaseToken, MemoryStore, OnConflict, OnStoreError,
+    Policy, RecordKey, Scope, StoreError,
+};
+
+#[derive(Clone, Default)]
+struct Counters {
+    runs: Arc<AtomicUsize>,
+}
+
+impl Counters {
+    fn runs(&self) -> usize {
+        self.runs.load(Ordering::SeqCst)
+    }
+
+    fn run(&self) -> usize {
+        self.runs.fetch_add(1, Ordering::SeqCst) + 1
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct Params {
+    #[serde(default)]
+    ms: u64,
+    #[serde(default)]
+    size: usize,
+}
+
+async fn charge(State(counters): State<Counters>, params: Query<Params>, body: Bytes) -> Response {
+    tokio::time::sleep(Duration::from_millis(params.ms)).await;
+    let run = counters.run();
+    let mut response = (
+        StatusCode::CREATED,
+        format!("charge {run} for {}", String::from_utf8_lossy(&body)),
+    )
+        .into_response();
+    response
+        .headers_mut()
+        .insert("x-charge-id", HeaderValue::from(run));
+    response
+}
+
+async fn fail(State(counters): State<Counters>) -> StatusCode {
+    counters.run();
+    StatusCode::SERVICE_UNAVAILABLE
+}
+
+async fn big(State(counters): State<Counters>, params: Query<Params>) -> Vec<u8> {
+    counters.run();
+    vec![b'x'; params.size]
+}
+
+async fn stream(State(counters): State<Counters>) -> Body {
+    let run = counters.run();
+    let chunks =
+        (0..5).map(move |i| Ok::<_, std::io::Error>(Bytes::from(format!("run {run} chunk {i};"))));
+    let stream = futures_util::stream::iter(chunks).then(|chunk| async move {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        chunk
+    });
+    Body::from_stream(stream)
+}
+
+async fn panics(State(counters): State<Counters>) -> StatusCode {
+    if counters.run() == 1 {
+        panic!("the first run fails");
+    }
+    StatusCode::OK
+}
+
+fn routes(counters: Counters) -> Router {
+    Router::new()
+        .route("/payments", post(charge).get(charge).patch(charge))
+        .route("/feed", post(charge))
+        .route("/fail", post(fail))
+        .route("/big", post(big))
+        .route("/stream", post(stream))
+        .route("/panics", post(panics))
+        .with_state(counters)
+}
+
+struct App {
+    base: String,
+    counters: Counters,
+    client: reqwest::Client,
+}
+
+impl App {
+    async fn start<St: IdempotencyStore>(layer: IdempotencyLayer<St>) -> Self {
+        Self::start_router(|counters| routes(counters).layer(layer)).await
+    }
+
+    async fn start_router(build: impl FnOnce(Counters) -> Router) -> Self {
+        let counters = Counters::default();
+        let app = build(counters.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a free port");
+        let base = format!("http://{}", listener.local_addr().expect("local addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self {
+            base,
+            counters,
+            client: reqwest::Client::new(),
+        }
+    }
+
+    fn post(&self, path: &str, key: &str) -> reqwest::RequestBuilder {
+        self.client
+            .post(format!("{}{path}", self.base))
+            .header("idempotency-key", key)
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Reply {
+        let response = request.send().await.expect("request");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response.bytes().await.expect("body");
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Reply {
+    fn replayed(&self) -> bool {
+        self.headers
+            .get("idempotent-replayed")
+            .is_some_and(|v| v == "true")
+    }
+
+    fn problem_type(&self) -> String {
+        assert_eq!(
+            self.headers["content-type"], "application/problem+json",
+            "expected a problem answer, got {self:?}"
+        );
+        let json: serde_json::Value = serde_json::from_slice(&self.body).expect("problem json");
+        assert_eq!(json["status"], self.status.as_u16());
+        json["type"]
+            .as_str()
+            .expect("type")
+            .rsplit('#')
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    }
+}
+
+fn memory() -> IdempotencyLayer<MemoryStore> {
+    IdempotencyLayer::new(MemoryStore::new())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_is_replayed_without_running_the_handler() {
+    let app = App::start(memory()).await;
+    let first = app.send(app.post("/payments", "k1").body("10 EUR")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(first.body, "charge 1 for 10 EUR");
+    assert!(!first.replayed());
+
+    let retry = app.send(app.post("/payments", "k1").body("10 EUR")).await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert_eq!(retry.body, first.body);
+    assert_eq!(retry.headers["x-charge-id"], "1");
+    assert!(retry.replayed());
+    assert_eq!(app.counters.runs(), 1);
+
+    let quoted = app
+        .send(app.post("/payments", "\"k1\"").body("10 EUR"))
+        .await;
+    assert!(quoted.replayed(), "a quoted key names the same operation");
+    assert_eq!(app.counters.runs(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_concurrent_duplicates_run_once() {
+    let app = Arc::new(App::start(memory()).await);
+    let replies = futures_util::future::join_all((0..50).map(|_| {
+        let app = app.clone();
+        async move {
+            app.send(app.post("/payments?ms=200", "dup").body("x"))
+                .await
+        }
+    }))
+    .await;
+    assert_eq!(app.counters.runs(), 1);
+    let created = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::CREATED)
+        .count();
+    let conflicts: Vec<_> = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::CONFLICT)
+        .collect();
+    assert_eq!(created + conflicts.len(), 50, "{replies:?}");
+    assert!(created >= 1);
+    for conflict in conflicts {
+        assert_eq!(conflict.problem_type(), "in-flight");
+        assert!(conflict.headers.contains_key("retry-after"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wait_mode_gives_every_duplicate_the_one_response() {
+    // A poll interval longer than the test shows the waiters are woken by notification.
+    let layer = memory()
+        .policy(Policy::default().with_on_conflict(OnConflict::Wait))
+        .poll_interval(Duration::from_secs(60));
+    let app = Arc::new(App::start(layer).await);
+    let replies = futures_util::future::join_all((0..50).map(|_| {
+        let app = app.clone();
+        async move {
+            app.send(app.post("/payments?ms=300", "wait").body("x"))
+                .await
+        }
+    }))
+    .await;
+    assert_eq!(app.counters.runs(), 1);
+    for reply in &replies {
+        assert_eq!(reply.status, StatusCode::CREATED, "{reply:?}");
+        assert_eq!(reply.body, "charge 1 for x");
+    }
+    assert_eq!(replies.iter().filter(|r| r.replayed()).count(), 49);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wait_mode_gives_up_after_its_timeout() {
+    let layer = memory().policy(
+        Policy::default()
+            .with_on_conflict(OnConflict::Wait)
+            .with_wait_timeout(Duration::from_millis(200)),
+    );
+    let app = Arc::new(App::start(layer).await);
+    let slow = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            app.send(app.post("/payments?ms=1500", "slow").body("x"))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let waiter = app
+        .send(app.post("/payments?ms=1500", "slow").body("x"))
+        .await;
+    assert_eq!(waiter.status, StatusCode::CONFLICT);
+    assert_eq!(waiter.problem_type(), "in-flight");
+    assert_eq!(slow.await.expect("task").status, StatusCode::CREATED);
+    assert_eq!(app.counters.runs(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_reused_for_another_request_is_refused() {
+    let app = App::start(memory()).await;
+    app.send(app.post("/payments", "k").body("10 EUR")).await;
+    let other_body = app.send(app.post("/payments", "k").body("99 EUR")).await;
+    assert_eq!(other_body.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(other_body.problem_type(), "key-reused");
+    let other_path = app
+        .send(app.post("/payments?x=1", "k").body("10 EUR"))
+        .await;
+    assert_eq!(other_path.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(app.counters.runs(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_keys_are_refused_before_anything_runs() {
+    let app = App::start(memory()).await;
+    for bad in ["", "has space", &"k".repeat(256), "\"unterminated"] {
+        let reply = app.send(app.post("/payments", bad).body("x")).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "key {bad:?}");
+        assert_eq!(reply.problem_type(), "invalid-key");
+    }
+    let repeated = app
+        .send(
+            app.post("/payments", "a")
+                .header("idempotency-key", "b")
+                .body("x"),
+        )
+        .await;
+    assert_eq!(repeated.status, StatusCode::BAD_REQUEST);
+    assert_eq!(app.counters.runs(), 0);
+    let longest = app
+        .send(app.post("/payments", &"k".repeat(255)).body("x"))
+        .await;
+    assert_eq!(longest.status, StatusCode::CREATED);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_required_key_that_is_missing_is_refused() {
+    let layer = memory().route(
+        "/payments/**".parse().expect("pattern"),
+        Policy::default().with_required(true),
+    );
+    let app = App::start(layer).await;
+    let reply = app
+        .send(app.client.post(format!("{}/payments", app.base)).body("x"))
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert_eq!(reply.problem_type(), "missing-key");
+    assert_eq!(app.counters.runs(), 0);
+
+    let optional = app
+        .send(app.client.post(format!("{}/feed", app.base)).body("x"))
+        .await;
+    assert_eq!(
+        optional.status,
+        StatusCode::CREATED,
+        "keys are optional elsewhere"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversized_body_is_refused_and_neither_run_nor_stored() {
+    let layer = memory().policy(Policy::default().with_max_request_body(1024usize));
+    let app = App::start(layer).await;
+    let reply = app
+        .send(app.post("/payments", "big").body(vec![b'x'; 1025]))
+        .await;
+    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(reply.problem_type(), "body-too-large");
+
+    // Without a Content-Length the limit is enforced while reading.
+    let chunks =
+        futures_util::stream::iter((0..4).map(|_| {
+            Ok::<_, std::io::Error>(http_body::Frame::data(Bytes::from(vec![b'y'; 300])))
+        }));
+    let body = reqwest::Body::wrap(http_body_util::StreamBody::new(chunks));
+    let streamed = app
+        .send(app.post("/payments", "big-stream").body(body))
+        .await;
+    assert_eq!(streamed.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(app.counters.runs(), 0);
+
+    let fits = app
+        .send(app.post("/payments", "big").body(vec![b'x'; 1024]))
+        .await;
+    assert_eq!(
+        fits.status,
+        StatusCode::CREATED,
+        "the key was not burnt by the 413"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_error_is_not_stored_so_the_retry_runs_again() {
+    let app = App::start(memory()).await;
+    let first = app.send(app.post("/fail", "f")).await;
+    let second = app.send(app.post("/fail", "f")).await;
+    assert_eq!(first.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(second.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(!second.replayed());
+    assert_eq!(app.counters.runs(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_disconnects_still_gets_a_replay_on_retry() {
+    let app = App::start(memory()).await;
+    let gave_up = app
+        .post("/payments?ms=500", "gone")
+        .body("5 EUR")
+        .timeout(Duration::from_millis(100))
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "the client must time out and disconnect");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(app.counters.runs(), 1, "the handler ran to completion");
+    let retry = app
+        .send(app.post("/payments?ms=500", "gone").body("5 EUR"))
+        .await;
+    assert!(retry.replayed());
+    assert_eq!(retry.body, "charge 1 for 5 EUR");
+    assert_eq!(app.counters.runs(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn routes_get_their_own_policies() {
+    let layer = memory()
+        .route(
+            "/feed".parse().expect("pattern"),
+            Policy::default().with_enabled(false),
+        )
+        .route(
+            "/payments".parse().expect("pattern"),
+            Policy::default().with_methods(vec![http::Method::POST]),
+        );
+    let app = App::start(layer).await;
+    app.send(app.post("/feed", "f").body("x")).await;
+    let again = app.send(app.post("/feed", "f").body("x")).await;
+    assert!(!again.replayed(), "a disabled route passes through");
+    assert_eq!(app.counters.runs(), 2);
+
+    let patch = |key| {
+        app.client
+            .patch(format!("{}/payments", app.base))
+            .header("idempotency-key", key)
+    };
+    app.send(patch("p")).await;
+    let patched = app.send(patch("p")).await;
+    assert!(!patched.replayed(), "PATCH is not covered on this route");
+    assert_eq!(app.counters.runs(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn get_requests_pass_through() {
+    let app = App::start(memory()).await;
+    let get = |key| {
+        app.client
+            .get(format!("{}/payments", app.base))
+            .header("idempotency-key", key)
+    };
+    app.send(get("g")).await;
+    let again = app.send(get("g")).await;
+    assert!(!again.replayed());
+    assert_eq!(app.counters.runs(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn callers_with_different_credentials_never_share_a_record() {
+    let app = App::start(memory()).await;
+    let as_user = |user: &str| {
+        app.post("/payments", "shared-key")
+            .header(AUTHORIZATION, format!("Bearer {user}"))
+            .body("x")
+    };
+    let alice = app.send(as_user("alice")).await;
+    let bob = app.send(as_user("bob")).await;
+    assert!(!bob.replayed(), "bob must not see alice's response");
+    assert_ne!(alice.body, bob.body);
+    assert_eq!(app.send(as_user("alice")).await.body, alice.body);
+    assert_eq!(app.counters.runs(), 2);
+}
+
+#[derive(Clone)]
+struct UserId(String);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_custom_scope_can_use_the_authenticated_principal() {
+    let layer = memory().scope_with(|parts| match parts.extensions.get::<UserId>() {
+        Some(user) => Scope::from_bytes(user.0.as_bytes()),
+        None => Scope::anonymous(),
+    });
+    // An auth middleware outside the idempotency layer identifies the user.
+    let authenticate = from_fn(|mut request: Request, next: Next| async move {
+        let user = request
+            .headers()
+            .get("x-user")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        request.extensions_mut().insert(UserId(user));
+        next.run(request).await
+    });
+    let app = App::start_router(|counters| routes(counters).layer(layer).layer(authenticate)).await;
+    let as_user = |user: &'static str| app.post("/payments", "k").header("x-user", user).body("x");
+    app.send(as_user("alice")).await;
+    assert!(!app.send(as_user("bob")).await.replayed());
+    assert!(app.send(as_user("alice")).await.replayed());
+    assert_eq!(app.counters.runs(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_streamed_response_is_stored_whole_and_replayed() {
+    let app = App::start(memory()).await;
+    let first = app.send(app.post("/stream", "s")).await;
+    let expected: String = (0..5).map(|i| format!("run 1 chunk {i};")).collect();
+    assert_eq!(first.body, expected);
+    let retry = app.send(app.post("/stream", "s")).await;
+    assert!(retry.replayed());
+    assert_eq!(retry.body, expected);
+    assert_eq!(app.counters.runs(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_response_over_the_storage_limit_reaches_the_client_whole_and_is_not_replayed() {
+    let layer = memory().policy(Policy::default().with_max_response_body(64 * 1024usize));
+    let app = App::start(layer).await;
+    let first = app.send(app.post("/big?size=200000", "big")).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(first.body.len(), 200_000, "never truncated");
+    let retry = app.send(app.post("/big?size=200000", "big")).await;
+    assert!(!retry.replayed());
+    assert_eq!(retry.body.len(), 200_000);
+    assert_eq!(app.counters.runs(), 2);
+
+    let small = app.send(app.post("/big?size=1000", "small")).await;
+    assert_eq!(small.body.len(), 1000);
+    assert!(
+        app.send(app.post("/big?size=1000", "small"))
+            .await
+            .replayed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_request_keeps_its_lease_by_renewal() {
+    let layer = memory().policy(Policy::default().with_lock_ttl(Duration::from_millis(300)));
+    let app = Arc::new(App::start(layer).await);
+    let long = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            app.send(app.post("/payments?ms=1200", "long").body("x"))
+                .await
+        })
+    };
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let duplicate = app
+            .send(app.post("/payments?ms=1200", "long").body("x"))
+            .await;
+        assert_eq!(
+            duplicate.status,
+            StatusCode::CONFLICT,
+            "the lease is still held"
+        );
+    }
+    assert_eq!(long.await.expect("task").status, StatusCode::CREATED);
+    assert_eq!(app.counters.runs(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_panicking_handler_releases_its_lease() {
+    let app =
+        App::start(memory().policy(Policy::default().with_lock_ttl(Duration::from_secs(600))))
+            .await;
+    let crashed = app.post("/panics", "p").send().await;
+    assert!(
+        crashed.is_err(),
+        "the connection is dropped, as without the layer"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let retry = app.send(app.post("/panics", "p")).await;
+    assert_eq!(
+        retry.status,
+        StatusCode::OK,
+        "the retry ran instead of waiting out lock_ttl"
+    );
+    assert_eq!(app.counters.runs(), 2);
+}
+
+/// A real memory store behind a switch that makes every call fail as an unreachable store would.
+#[derive(Clone, Default)]
+struct Outage {
+    store: MemoryStore,
+    down: Arc<AtomicBool>,
+}
+
+impl Outage {
+    fn check(&self) -> Result<(), StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::backend("connection refused"));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for Outage {
+    async fn begin(
+        &self,
+        key: &RecordKey,
+        fp: &Fingerprint,
+        lock: Duration,
+    ) -> Result<Begin, StoreError> {
+        self.check()?;
+        self.store.begin(key, fp, lock).await
+    }
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.check()?;
+        self.store.complete(key, token, response, ttl).await
+    }
+    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
+        self.check()?;
+        self.store.release(key, token).await
+    }
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        lock: Duration,
+    ) -> Result<(), StoreError> {
+        self.check()?;
+        self.store.renew(key, token, lock).await
+    }
+    fn subscribe(&self, key: &RecordKey) -> Subscription {
+        self.store.subscribe(key)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_outage_rejects_or_forwards_per_route() {
+    let store = Outage::default();
+    let layer = IdempotencyLayer::new(store.clone()).route(
+        "/feed".parse().expect("pattern"),
+        Policy::default().with_on_store_error(OnStoreError::Forward),
+    );
+    let app = App::start(layer).await;
+    store.down.store(true, Ordering::SeqCst);
+
+    let rejected = app.send(app.post("/payments", "o").body("x")).await;
+    assert_eq!(rejected.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(rejected.problem_type(), "store-unavailable");
+    assert!(rejected.headers.contains_key("retry-after"));
+    assert_eq!(
+        app.counters.runs(),
+        0,
+        "a reject route never runs unprotected"
+    );
+
+    let forwarded = app.send(app.post("/feed", "o").body("x")).await;
+    assert_eq!(forwarded.status, StatusCode::CREATED);
+    assert_eq!(app.counters.runs(), 1);
+
+    store.down.store(false, Ordering::SeqCst);
+    let recovered = app.send(app.post("/payments", "o").body("x")).await;
+    assert_eq!(recovered.status, StatusCode::CREATED);
+    assert!(
+        app.send(app.post("/payments", "o").body("x"))
+            .await
+            .replayed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_store_counts_as_an_outage() {
+    #[derive(Clone, Default)]
+    struct Stalled(MemoryStore);
+    #[async_trait]
+    impl IdempotencyStore for Stalled {
+        async fn begin(
+            &self,
+            _: &RecordKey,
+            _: &Fingerprint,
+            _: Duration,
+        ) -> Result<Begin, StoreError> {
+            std::future::pending().await
+        }
+        async fn complete(
+            &self,
+            key: &RecordKey,
+            token: LeaseToken,
+            response: &StoredResponse,
+            ttl: Duration,
+        ) -> Result<(), StoreError> {
+            self.0.complete(key, token, response, ttl).await
+        }
+        async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
+            self.0.release(key, token).await
+        }
+        async fn renew(
+            &self,
+            key: &RecordKey,
+            token: LeaseToken,
+            lock: Duration,
+        ) -> Result<(), StoreError> {
+            self.0.renew(key, token, lock).await
+        }
+        fn subscribe(&self, key: &RecordKey) -> Subscription {
+            self.0.subscribe(key)
+        }
+    }
+    let layer = IdempotencyLayer::new(Stalled::default()).store_timeout(Duration::from_millis(100));
+    let app = App::start(layer).await;
+    let reply = app.send(app.post("/payments", "t").body("x")).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(app.counters.runs(), 0);
+}
