@@ -29,6 +29,9 @@
 //! `503`: the idempotency store failed, and the route prefers refusing to running a request twice.
 //! Retry after `Retry-After` seconds.
 //!
+//! # invalid-target
+//! `400` (proxy): the request target cannot be forwarded to the upstream.
+//!
 //! # upstream-unavailable
 //! `502` (proxy): the upstream refused the connection or failed before answering.
 //!
@@ -61,6 +64,8 @@ pub enum ProblemKind {
     InFlight,
     /// `503`, see [the module docs](self#store-unavailable).
     StoreUnavailable,
+    /// `400`, see [the module docs](self#invalid-target).
+    InvalidTarget,
     /// `502`, see [the module docs](self#upstream-unavailable).
     UpstreamUnavailable,
     /// `504`, see [the module docs](self#upstream-timeout).
@@ -78,6 +83,7 @@ impl ProblemKind {
             Self::KeyReused => "key-reused",
             Self::InFlight => "in-flight",
             Self::StoreUnavailable => "store-unavailable",
+            Self::InvalidTarget => "invalid-target",
             Self::UpstreamUnavailable => "upstream-unavailable",
             Self::UpstreamTimeout => "upstream-timeout",
         }
@@ -86,7 +92,9 @@ impl ProblemKind {
     /// The HTTP status of this kind.
     pub fn status(self) -> StatusCode {
         match self {
-            Self::MissingKey | Self::InvalidKey | Self::InvalidBody => StatusCode::BAD_REQUEST,
+            Self::MissingKey | Self::InvalidKey | Self::InvalidBody | Self::InvalidTarget => {
+                StatusCode::BAD_REQUEST
+            }
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::InFlight => StatusCode::CONFLICT,
@@ -106,6 +114,7 @@ impl ProblemKind {
             Self::KeyReused => "Idempotency key reused for a different request",
             Self::InFlight => "Request with this idempotency key is in progress",
             Self::StoreUnavailable => "Idempotency store unavailable",
+            Self::InvalidTarget => "Request target cannot be forwarded",
             Self::UpstreamUnavailable => "Upstream unavailable",
             Self::UpstreamTimeout => "Upstream timed out",
         }

@@ -14,7 +14,9 @@
 
 use std::time::Duration;
 
-use metrics::{counter, gauge, histogram};
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
 
 use crate::store::StoreError;
 
@@ -30,6 +32,41 @@ pub const LEASES_IN_FLIGHT: &str = "idempotency_leases_in_flight";
 pub const LEASES_LOST_TOTAL: &str = "idempotency_leases_lost_total";
 /// Counter of responses produced under a lease but not kept for replay.
 pub const RESPONSES_NOT_STORED_TOTAL: &str = "idempotency_responses_not_stored_total";
+
+/// Registers the help text and units of every metric above with the installed recorder. Call it
+/// once after installing one (a Prometheus exporter shows the text as `# HELP`).
+pub fn describe() {
+    describe_counter!(
+        REQUESTS_TOTAL,
+        Unit::Count,
+        "Keyed requests on covered routes, by what the idempotency layer did with them"
+    );
+    describe_histogram!(
+        STORE_DURATION_SECONDS,
+        Unit::Seconds,
+        "Latency of idempotency store calls, by operation"
+    );
+    describe_counter!(
+        STORE_ERRORS_TOTAL,
+        Unit::Count,
+        "Idempotency store calls that failed or timed out, by operation"
+    );
+    describe_gauge!(
+        LEASES_IN_FLIGHT,
+        Unit::Count,
+        "Requests this process is running under an idempotency lease"
+    );
+    describe_counter!(
+        LEASES_LOST_TOTAL,
+        Unit::Count,
+        "Leases found taken over by another request after lock_ttl"
+    );
+    describe_counter!(
+        RESPONSES_NOT_STORED_TOTAL,
+        Unit::Count,
+        "Responses produced under a lease but released instead of stored, by reason"
+    );
+}
 
 /// What happened to a request the layer covered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

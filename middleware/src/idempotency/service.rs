@@ -101,7 +101,7 @@ where
         let key = match (keys.next(), keys.next()) {
             (None, _) if policy.required => {
                 m::outcome(m::Outcome::MissingKey);
-                let detail = format!("this route requires a `{}` header", policy.header);
+                let detail = format!("this route requires the `{}` header", policy.header);
                 return ResponseFuture::ready(problem(Problem::new(
                     ProblemKind::MissingKey,
                     detail,

@@ -1,0 +1,28 @@
+//! `idempotency-proxy`: a reverse proxy that gives any HTTP service the guarantees of
+//! [`tower_idempotency`]: a retried `POST` with the same `Idempotency-Key` runs once upstream,
+//! and the retry gets the stored response.
+//!
+//! The binary reads one TOML file (see [`config`] and `examples/proxy.toml`):
+//!
+//! ```text
+//! idempotency-proxy --config proxy.toml           # run
+//! idempotency-proxy check --config proxy.toml     # validate, print the per-route policy
+//! idempotency-proxy migrate --config proxy.toml   # apply the store's schema
+//! ```
+//!
+//! The library half exists so the binary's parts can be tested and embedded:
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = idempotency_proxy::config::Config::load("proxy.toml".as_ref())?;
+//! idempotency_proxy::server::run(config, idempotency_proxy::server::shutdown_signal()).await?;
+//! # Ok(()) }
+//! ```
+
+pub mod admin;
+pub mod config;
+pub mod report;
+pub mod server;
+pub mod store;
+pub mod telemetry;
+pub mod upstream;

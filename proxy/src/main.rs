@@ -1,0 +1,91 @@
+//! The `idempotency-proxy` binary.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use idempotency_proxy::config::Config;
+use idempotency_proxy::{report, server, store, telemetry};
+
+/// A reverse proxy that runs each keyed POST once and replays its response to retries.
+#[derive(Debug, Parser)]
+#[command(name = "idempotency-proxy", version, about)]
+struct Cli {
+    /// The TOML configuration file.
+    #[arg(long, short, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy (the default).
+    Run,
+    /// Validate the configuration and print the effective per-route policy.
+    Check,
+    /// Apply the store's schema (PostgreSQL, SQLite) and exit.
+    Migrate,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init_logging();
+    let Some(path) = cli.config else {
+        eprintln!("error: --config PATH is required (see examples/proxy.toml)");
+        return ExitCode::from(2);
+    };
+    let config = match Config::load(&path) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Check => match report::describe(&config) {
+            Ok(text) => {
+                println!("configuration ok: {}\n\n{text}", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("error: {error}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Migrate => runtime_block_on(async {
+            match store::migrate(&config.store).await {
+                Ok(done) => {
+                    println!("{done}");
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }),
+        Command::Run => runtime_block_on(async {
+            match server::run(config, server::shutdown_signal()).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }),
+    }
+}
+
+fn runtime_block_on(work: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(work),
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}

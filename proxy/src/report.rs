@@ -1,0 +1,160 @@
+//! The effective configuration, as `idempotency-proxy check` prints it.
+
+use std::fmt::Write;
+
+use tower_idempotency::{OnConflict, OnStoreError, Policy};
+
+use crate::config::{Config, ConfigError};
+
+/// A human-readable summary of what the proxy will do: upstream, store (credentials hidden) and
+/// the effective policy of every route, in match order.
+pub fn describe(config: &Config) -> Result<String, ConfigError> {
+    let routes = config.routes()?;
+    let mut out = String::new();
+    let _ = writeln!(out, "listen    http://{}", config.proxy.listen);
+    let _ = writeln!(out, "upstream  {}", config.proxy.upstream);
+    if let Some(admin) = &config.admin {
+        let _ = writeln!(out, "admin     http://{}", admin.listen);
+    }
+    let store = &config.store;
+    let location = match (&store.url, store.urls.as_slice()) {
+        (Some(url), _) => redact(url),
+        (None, []) => "in process".to_owned(),
+        (None, urls) => urls
+            .iter()
+            .map(|u| redact(u))
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    let _ = writeln!(out, "store     {} ({location})", store.backend.as_str());
+    let _ = writeln!(out);
+    for (pattern, policy) in routes.iter() {
+        let _ = writeln!(out, "route {pattern}");
+        describe_policy(&mut out, policy);
+    }
+    let _ = writeln!(out, "every other path");
+    describe_policy(&mut out, routes.default_policy());
+    Ok(out)
+}
+
+fn describe_policy(out: &mut String, policy: &Policy) {
+    if !policy.enabled {
+        let _ = writeln!(out, "  disabled: requests pass through untouched");
+        return;
+    }
+    let list = |items: Vec<String>| {
+        if items.is_empty() {
+            "none".to_owned()
+        } else {
+            items.join(", ")
+        }
+    };
+    let duration = |d| humantime::format_duration(d).to_string();
+    let rows = [
+        (
+            "methods",
+            list(policy.methods.iter().map(ToString::to_string).collect()),
+        ),
+        (
+            "key header",
+            format!(
+                "{} ({})",
+                policy.header,
+                if policy.required {
+                    "required"
+                } else {
+                    "optional"
+                }
+            ),
+        ),
+        ("ttl", duration(policy.ttl)),
+        ("lock_ttl", duration(policy.lock_ttl)),
+        (
+            "on_conflict",
+            match policy.on_conflict {
+                OnConflict::Wait => format!("wait up to {}", duration(policy.wait_timeout)),
+                _ => "reject (409)".to_owned(),
+            },
+        ),
+        (
+            "on_store_error",
+            match policy.on_store_error {
+                OnStoreError::Forward => "forward (run unprotected)".to_owned(),
+                _ => "reject (503)".to_owned(),
+            },
+        ),
+        (
+            "scope_headers",
+            list(
+                policy
+                    .scope_headers
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+            ),
+        ),
+        (
+            "fingerprint_headers",
+            list(
+                policy
+                    .fingerprint_headers
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+            ),
+        ),
+        (
+            "max_request_body",
+            bytesize::ByteSize(policy.max_request_body as u64).to_string(),
+        ),
+        (
+            "max_response_body",
+            bytesize::ByteSize(policy.max_response_body as u64).to_string(),
+        ),
+        ("retry_after", duration(policy.retry_after)),
+    ];
+    for (name, value) in rows {
+        let _ = writeln!(out, "  {name:<20} {value}");
+    }
+}
+
+/// Hides the password of a `scheme://user:password@host` URL.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((credentials, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match credentials.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_hidden() {
+        assert_eq!(
+            redact("postgres://app:s3cret@db:5432/x"),
+            "postgres://app:***@db:5432/x"
+        );
+        assert_eq!(redact("redis://:pw@cache"), "redis://:***@cache");
+        assert_eq!(redact("sqlite://idempotency.db"), "sqlite://idempotency.db");
+    }
+
+    #[test]
+    fn describes_every_route_in_match_order() {
+        let config = Config::parse(include_str!("../../examples/proxy.toml"), |_| None)
+            .expect("example config");
+        let text = describe(&config).expect("describe");
+        let payments = text.find("route /payments/**").expect("payments route");
+        let feed = text.find("route /feed/**").expect("feed route");
+        assert!(payments < feed);
+        assert!(text.contains("disabled"));
+        assert!(text.contains("2days"), "{text}");
+    }
+}

@@ -1,0 +1,201 @@
+//! Running the proxy: listeners, connections, graceful shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use http::Request;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tower::{Layer, ServiceExt};
+use tower_idempotency::IdempotencyLayer;
+
+use crate::admin;
+use crate::config::Config;
+use crate::store::{self, OpenError};
+use crate::telemetry;
+use crate::upstream::{ClientAddr, Upstream};
+
+/// The proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] OpenError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The metrics recorder could not be installed.
+    #[error("cannot install the metrics recorder: {0}")]
+    Metrics(String),
+    /// The configuration's routes are invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
+/// Runs the proxy described by `config` until `shutdown` resolves, then drains in-flight
+/// requests for up to `proxy.shutdown_timeout`.
+///
+/// Prints `listening on http://ADDR` (and `admin listening on http://ADDR`) to stdout once the
+/// listeners are bound, so that a supervisor or a test can find ports chosen by the system.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let routes = config.routes()?;
+    let store = store::open(&config.store).await?;
+    let metrics = telemetry::install_metrics().map_err(StartError::Metrics)?;
+
+    let layer = IdempotencyLayer::new(store.clone())
+        .routes(routes)
+        .store_timeout(config.store.timeout)
+        .poll_interval(config.store.poll_interval);
+    let service = layer.layer(Upstream::new(&config.upstream(), &config.proxy));
+
+    let listener = bind(config.proxy.listen).await?;
+    let proxy_addr = local_addr(&listener, config.proxy.listen);
+    let admin = match &config.admin {
+        Some(admin) => {
+            let listener = bind(admin.listen).await?;
+            let addr = local_addr(&listener, admin.listen);
+            if !addr.ip().is_loopback() {
+                tracing::warn!(%addr, "the admin listener is reachable beyond this host");
+            }
+            Some((listener, addr))
+        }
+        None => None,
+    };
+    println!("listening on http://{proxy_addr}");
+    if let Some((_, addr)) = &admin {
+        println!("admin listening on http://{addr}");
+    }
+    tracing::info!(
+        %proxy_addr,
+        upstream = %config.proxy.upstream,
+        store = config.store.backend.as_str(),
+        "idempotency-proxy started"
+    );
+
+    let (stop_admin, admin_stopped) = tokio::sync::watch::channel(false);
+    let admin_task = admin.map(|(listener, _)| {
+        let app = admin::router(store.clone(), metrics);
+        let mut stopped = admin_stopped.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                })
+                .await;
+        })
+    });
+
+    let mut connections = auto::Builder::new(TokioExecutor::new());
+    connections
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.proxy.header_read_timeout)
+        .keep_alive(true);
+    connections
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(None);
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service = service.clone();
+        let handler = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+            request.extensions_mut().insert(ClientAddr(peer));
+            let started = Instant::now();
+            let logged = tracing::enabled!(tracing::Level::DEBUG)
+                .then(|| (request.method().clone(), request.uri().path().to_owned()));
+            let response = service.clone().oneshot(request);
+            async move {
+                let response = response.await?;
+                telemetry::response(response.status().as_u16());
+                if let Some((method, path)) = logged {
+                    tracing::debug!(
+                        %method,
+                        path,
+                        status = response.status().as_u16(),
+                        replayed = response.headers().contains_key("idempotent-replayed"),
+                        elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+                        "request"
+                    );
+                }
+                Ok::<_, Infallible>(response)
+            }
+        });
+        let connection = connections.serve_connection(TokioIo::new(stream), handler);
+        let connection = graceful.watch(connection.into_owned());
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, %peer, "connection ended with an error");
+            }
+        });
+    }
+
+    drop(listener);
+    tracing::info!(
+        connections = graceful.count(),
+        timeout = ?config.proxy.shutdown_timeout,
+        "shutting down: draining in-flight requests"
+    );
+    let drained = tokio::time::timeout(config.proxy.shutdown_timeout, graceful.shutdown()).await;
+    if drained.is_err() {
+        tracing::warn!("shutdown timeout reached with requests still in flight");
+    }
+    let _ = stop_admin.send(true);
+    if let Some(task) = admin_task {
+        let _ = task.await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+fn local_addr(listener: &TcpListener, configured: SocketAddr) -> SocketAddr {
+    listener.local_addr().unwrap_or(configured)
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = terminate => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,216 @@
+//! Opening the configured store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tower_idempotency::fingerprint::Fingerprint;
+use tower_idempotency::store::Subscription;
+use tower_idempotency::{
+    Begin, IdempotencyStore, LeaseToken, MemoryStore, RecordKey, StoreError, StoredResponse,
+};
+
+use crate::config::{Backend, StoreConfig};
+
+/// The store behind the proxy, whichever backend it is.
+///
+/// A named type rather than `Arc<dyn IdempotencyStore>`: the compiler cannot prove futures that
+/// mention `dyn Trait + 'static` through a generic service stack `Send` (the trait object's
+/// lifetime is erased inside async blocks), while a plain struct has no lifetime to erase.
+#[derive(Clone)]
+pub struct DynStore(Arc<dyn IdempotencyStore>);
+
+impl DynStore {
+    /// Wraps a store.
+    pub fn new(store: impl IdempotencyStore) -> Self {
+        Self(Arc::new(store))
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for DynStore {
+    async fn begin(
+        &self,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        lock_ttl: Duration,
+    ) -> Result<Begin, StoreError> {
+        self.0.begin(key, fingerprint, lock_ttl).await
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.0.complete(key, token, response, ttl).await
+    }
+
+    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
+        self.0.release(key, token).await
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        lock_ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.0.renew(key, token, lock_ttl).await
+    }
+
+    fn subscribe(&self, key: &RecordKey) -> Subscription {
+        self.0.subscribe(key)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.0.ping().await
+    }
+}
+
+/// The store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The backend was left out of this build.
+    #[error("this build of idempotency-proxy has no {0} support (cargo feature `{1}`)")]
+    NotCompiled(&'static str, &'static str),
+    /// Connecting or migrating failed.
+    #[error("cannot open the {backend} store: {source}")]
+    Store {
+        /// The backend.
+        backend: &'static str,
+        /// Why.
+        source: StoreError,
+    },
+}
+
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+fn failed(backend: Backend) -> impl FnOnce(StoreError) -> OpenError {
+    move |source| OpenError::Store {
+        backend: backend.as_str(),
+        source,
+    }
+}
+
+/// Opens (connects, and where configured migrates) the store `config` describes.
+pub async fn open(config: &StoreConfig) -> Result<DynStore, OpenError> {
+    let url = config.url.as_deref().unwrap_or_default();
+    #[cfg(not(any(feature = "sqlite", feature = "postgres", feature = "redis")))]
+    let _ = url;
+    match config.backend {
+        Backend::Memory => Ok(DynStore::new(MemoryStore::new())),
+        #[cfg(feature = "sqlite")]
+        Backend::Sqlite => {
+            let mut builder = tower_idempotency::SqliteStore::builder(url);
+            if let Some(interval) = config.reaper_interval {
+                builder = builder.reaper_interval(interval);
+            }
+            if let Some(batch) = config.reaper_batch {
+                builder = builder.reaper_batch(batch);
+            }
+            let store = builder.connect().await.map_err(failed(config.backend))?;
+            Ok(DynStore::new(store))
+        }
+        #[cfg(feature = "postgres")]
+        Backend::Postgres => {
+            let store = postgres(config, url).await?;
+            if config.auto_migrate {
+                store.migrate().await.map_err(failed(config.backend))?;
+            }
+            Ok(DynStore::new(store))
+        }
+        #[cfg(feature = "redis")]
+        Backend::Redis => {
+            let store = redis_builder(config)
+                .connect(url)
+                .await
+                .map_err(failed(config.backend))?;
+            Ok(DynStore::new(store))
+        }
+        #[cfg(feature = "redis")]
+        Backend::RedisCluster => {
+            let store = redis_builder(config)
+                .connect_cluster(&config.urls)
+                .await
+                .map_err(failed(config.backend))?;
+            Ok(DynStore::new(store))
+        }
+        #[allow(
+            unreachable_patterns,
+            reason = "reachable only when a backend is left out"
+        )]
+        other => Err(not_compiled(other)),
+    }
+}
+
+/// Applies the store's schema, for `idempotency-proxy migrate`. Returns what was done.
+pub async fn migrate(config: &StoreConfig) -> Result<String, OpenError> {
+    match config.backend {
+        #[cfg(feature = "postgres")]
+        Backend::Postgres => {
+            let url = config.url.as_deref().unwrap_or_default();
+            let store = postgres(config, url).await?;
+            store.migrate().await.map_err(failed(config.backend))?;
+            Ok("postgres schema is up to date".to_owned())
+        }
+        Backend::Sqlite => {
+            // Opening a SQLite store applies its migrations.
+            open(config).await?;
+            Ok("sqlite schema is up to date".to_owned())
+        }
+        Backend::Memory | Backend::Redis | Backend::RedisCluster => Ok(format!(
+            "the {} backend has no schema to migrate",
+            config.backend.as_str()
+        )),
+        #[allow(
+            unreachable_patterns,
+            reason = "reachable only when a backend is left out"
+        )]
+        other => Err(not_compiled(other)),
+    }
+}
+
+#[cfg(feature = "postgres")]
+async fn postgres(
+    config: &StoreConfig,
+    url: &str,
+) -> Result<tower_idempotency::PostgresStore, OpenError> {
+    let mut builder = tower_idempotency::PostgresStore::builder(url);
+    if let Some(schema) = &config.schema {
+        builder = builder.schema(schema);
+    }
+    if let Some(table) = &config.table {
+        builder = builder.table(table);
+    }
+    if let Some(connections) = config.max_connections {
+        builder = builder.max_connections(connections);
+    }
+    if let Some(interval) = config.reaper_interval {
+        builder = builder.reaper_interval(interval);
+    }
+    if let Some(batch) = config.reaper_batch {
+        builder = builder.reaper_batch(batch);
+    }
+    builder.connect().await.map_err(failed(config.backend))
+}
+
+#[cfg(feature = "redis")]
+fn redis_builder(config: &StoreConfig) -> tower_idempotency::store::RedisStoreBuilder {
+    let mut builder = tower_idempotency::RedisStore::builder();
+    if let Some(prefix) = &config.prefix {
+        builder = builder.prefix(prefix);
+    }
+    builder
+}
+
+fn not_compiled(backend: Backend) -> OpenError {
+    let feature = match backend {
+        Backend::Redis | Backend::RedisCluster => "redis",
+        Backend::Postgres => "postgres",
+        Backend::Sqlite => "sqlite",
+        Backend::Memory => "memory",
+    };
+    OpenError::NotCompiled(backend.as_str(), feature)
+}

@@ -1,0 +1,91 @@
+//! Logs and Prometheus metrics.
+
+use std::time::Duration;
+
+use metrics::{Unit, counter, describe_counter, describe_histogram, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Histogram of upstream response-head latency, labelled by status class (`2xx`... and `502`
+/// or `504` for failures the proxy answered itself).
+pub const UPSTREAM_DURATION_SECONDS: &str = "idempotency_proxy_upstream_duration_seconds";
+/// Counter of requests the proxy answered, by status class.
+pub const RESPONSES_TOTAL: &str = "idempotency_proxy_responses_total";
+/// Counter of readiness probes that found the store unreachable.
+pub const READINESS_FAILURES_TOTAL: &str = "idempotency_proxy_readiness_failures_total";
+
+/// Seconds buckets from half a millisecond to a minute.
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+/// Installs `tracing` output to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging() {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
+/// Installs the Prometheus recorder for this process and returns the handle that renders it.
+pub fn install_metrics() -> Result<PrometheusHandle, String> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), &LATENCY_BUCKETS)
+        .map_err(|error| error.to_string())?
+        .install_recorder()
+        .map_err(|error| error.to_string())?;
+    tower_idempotency::telemetry::describe();
+    describe_histogram!(
+        UPSTREAM_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time to the upstream's response head, by status class"
+    );
+    describe_counter!(
+        RESPONSES_TOTAL,
+        Unit::Count,
+        "Responses sent to clients, by status class"
+    );
+    describe_counter!(
+        READINESS_FAILURES_TOTAL,
+        Unit::Count,
+        "Readiness probes that found the idempotency store unreachable"
+    );
+    // Histograms are folded into their buckets by upkeep; without it they grow until rendered.
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            ticks.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    Ok(handle)
+}
+
+fn status_class(status: u16) -> &'static str {
+    match status {
+        502 => "502",
+        504 => "504",
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+pub(crate) fn upstream_call(took: Duration, status: u16) {
+    histogram!(UPSTREAM_DURATION_SECONDS, "status" => status_class(status)).record(took);
+}
+
+pub(crate) fn response(status: u16) {
+    counter!(RESPONSES_TOTAL, "status" => status_class(status)).increment(1);
+}
+
+pub(crate) fn readiness_failure() {
+    counter!(READINESS_FAILURES_TOTAL).increment(1);
+}
