@@ -1,0 +1,14 @@
+//! Black-box tests: the built `idempotency-proxy` binary against real upstreams and real stores.
+//!
+//! One test binary (fewer links, parallel tests) with a module per area. Tests that need
+//! PostgreSQL or Redis read `DATABASE_URL` / `REDIS_URL` and fail, naming the URL, when the
+//! server is unreachable; tests that kill a store start their own server processes.
+
+#![allow(
+    unreachable_pub,
+    reason = "a test binary has no public API: pub marks what modules share"
+)]
+
+mod support;
+
+mod proxy;
