@@ -5,6 +5,8 @@
     reason = "each test module uses a different part of the fixtures"
 )]
 
+pub mod faults;
+pub mod servers;
 pub mod upstream;
 
 use std::io::{BufRead, BufReader};
