@@ -89,6 +89,8 @@ pub use record::StoredResponse;
 pub use scope::{RecordKey, Scope};
 #[cfg(feature = "memory")]
 pub use store::MemoryStore;
+#[cfg(feature = "redis")]
+pub use store::RedisStore;
 pub use store::{Begin, IdempotencyStore, LeaseToken, StoreError};
 
 /// A type-erased error, as used by bodies.

@@ -529,6 +529,17 @@ impl<St: IdempotencyStore> Lease<St> {
                     self.settle();
                     return;
                 }
+                Err(StoreError::LeaseLost) if attempt > 1 => {
+                    // The reply to an earlier attempt was lost: that attempt may have stored the
+                    // response (then this is our own completion refusing a second one).
+                    tracing::warn!(
+                        key = ?self.key,
+                        "storing the response: outcome of the earlier attempt unknown, and the \
+                         lease is no longer ours; a retry gets the stored response or runs again"
+                    );
+                    self.settle();
+                    return;
+                }
                 Err(StoreError::LeaseLost) => {
                     m::lease_lost();
                     tracing::warn!(

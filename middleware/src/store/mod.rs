@@ -30,12 +30,21 @@ mod memory;
 #[cfg(feature = "memory")]
 pub use memory::MemoryStore;
 
+#[cfg(feature = "redis")]
+mod redis;
+#[cfg(feature = "redis")]
+pub use redis::{RedisStore, RedisStoreBuilder};
+
 /// The fencing token of a lease.
 ///
-/// Tokens are compared for equality only by stores, but their order carries a promise: a token
-/// issued for a key is larger than every token issued for that key before it, including tokens of
-/// records that have since expired and been deleted. A stale holder therefore can never complete,
-/// renew or release a lease that was taken over or re-acquired after it lost its own.
+/// Stores compare tokens for equality, but their order carries a promise: a token issued for a
+/// key is larger than every token issued for that key before it while the record exists (a
+/// takeover gets a larger token than the lease it replaces), and larger than the tokens of the
+/// key's earlier, since deleted, records too. Stores keep the second half by deriving new tokens
+/// from a clock (the memory store from a process-wide counter; Redis and PostgreSQL from the
+/// server's microsecond clock, so it holds unless that clock steps back by more than the time
+/// between two records of one key). A stale holder therefore cannot complete, renew or release a
+/// lease that was taken over or re-acquired after it lost its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct LeaseToken(pub u64);
 
@@ -104,7 +113,8 @@ impl StoreError {
 ///   expired one (see [`LeaseToken`]).
 /// * **Fencing.** `complete`, `renew` and `release` succeed only for the token of the current,
 ///   in-flight lease; any other token gets [`StoreError::LeaseLost`] and changes nothing. A lease
-///   whose `lock_ttl` passed without a takeover may still be completed or released by its holder.
+///   whose `lock_ttl` passed without a takeover *may* still be completed, renewed or released by
+///   its holder (stores differ on how long they keep such a lease; callers must not rely on it).
 /// * **Replay.** After `complete`, `begin` with the same fingerprint returns
 ///   [`Begin::Completed`] with the stored status, headers (all values, in order) and body, for
 ///   `ttl` after completion; with another fingerprint it returns `Mismatch`. After `ttl` the record
@@ -114,6 +124,8 @@ impl StoreError {
 ///   process and (for shared stores) in every other process using the store, usually within
 ///   milliseconds. A subscription is armed from the moment [`Subscription::notified`] returns, so
 ///   the sequence *arm, begin, await* never misses a completion that happens after `begin`.
+///   Wake-ups may be spurious (a shared store's listener that reconnected wakes everyone, since
+///   it may have missed messages): a waiter looks at the store again rather than assume.
 /// * **Expiry is enforced on read**: an expired record is never replayed, whether or not a
 ///   background task has deleted it yet, and expired records do not accumulate without bound.
 /// * **Independence.** Records of different keys never affect each other.
