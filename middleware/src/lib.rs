@@ -89,8 +89,12 @@ pub use record::StoredResponse;
 pub use scope::{RecordKey, Scope};
 #[cfg(feature = "memory")]
 pub use store::MemoryStore;
+#[cfg(feature = "postgres")]
+pub use store::PostgresStore;
 #[cfg(feature = "redis")]
 pub use store::RedisStore;
+#[cfg(feature = "sqlite")]
+pub use store::SqliteStore;
 pub use store::{Begin, IdempotencyStore, LeaseToken, StoreError};
 
 /// A type-erased error, as used by bodies.

@@ -74,7 +74,7 @@ async fn keys_per_node(cluster: &RedisCluster, prefix: &str) -> Vec<Vec<RecordKe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_store_contract_holds_on_a_three_master_cluster() {
-    let cluster = RedisCluster::start().await;
+    let cluster = RedisCluster::start();
     let urls = cluster.urls();
 
     // Phase 1: the whole contract, each check on a store with a prefix of its own.

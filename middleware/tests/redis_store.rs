@@ -212,8 +212,7 @@ async fn records_are_one_string_key_with_a_ttl_in_flight_and_completed() {
 /// and its retried `EVALSHA`, so this runs on a private server.
 #[tokio::test]
 async fn scripts_are_reloaded_after_script_flush() {
-    let root = tempfile::tempdir().expect("temporary directory");
-    let server = RedisServer::standalone(root.path()).await;
+    let server = RedisServer::start();
     let url = server.url();
     let store = store_at(&url, &unique_prefix("flush")).await;
     let mut raw = raw_connection(&url).await;
@@ -299,8 +298,7 @@ async fn completions_in_another_instance_wake_subscribers() {
 /// server rather than disturb the notification checks running in parallel on the shared one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_subscriber_reconnects_after_its_connection_is_killed() {
-    let root = tempfile::tempdir().expect("temporary directory");
-    let server = RedisServer::standalone(root.path()).await;
+    let server = RedisServer::start();
     let url = server.url();
     let prefix = unique_prefix("reconnect");
     let waiter = store_at(&url, &prefix).await;
@@ -355,8 +353,7 @@ async fn the_subscriber_reconnects_after_its_connection_is_killed() {
 /// stalls every client, so this too runs on a private server.)
 #[tokio::test]
 async fn a_stalled_server_is_a_timeout_and_the_store_recovers() {
-    let root = tempfile::tempdir().expect("temporary directory");
-    let server = RedisServer::standalone(root.path()).await;
+    let server = RedisServer::start();
     let url = server.url();
     let timeout = Duration::from_millis(200);
     let store = RedisStore::builder()

@@ -5,8 +5,6 @@
     reason = "each test module uses a different part of the fixtures"
 )]
 
-pub mod faults;
-pub mod servers;
 pub mod upstream;
 
 use std::io::{BufRead, BufReader};
@@ -18,6 +16,7 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
 
+pub use test_fixtures::{eventually, free_port};
 pub use upstream::Upstream;
 
 /// The binary under test.
@@ -268,21 +267,4 @@ impl Reply {
             .unwrap_or_default()
             .to_owned()
     }
-}
-
-/// Runs `check` over `f` until it returns true or `timeout` passes.
-pub async fn eventually(timeout: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-/// A free loopback port (bound, read, released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("a free port")
 }

@@ -1,0 +1,232 @@
+//! What the SQL stores ([`PostgresStore`](super::PostgresStore) and
+//! [`SqliteStore`](super::SqliteStore)) share: identifier validation, time conversions and the
+//! reaper task that deletes expired rows.
+
+use std::future::Future;
+use std::sync::Weak;
+use std::time::Duration;
+
+use super::StoreError;
+
+/// Counter of expired records deleted by the SQL stores' reapers, labelled `backend`
+/// (`postgres` or `sqlite`). Incremented after every batch, through the [`metrics`] facade.
+pub const REAPED_RECORDS_TOTAL: &str = "idempotency_reaped_records_total";
+
+/// How often the reaper runs unless configured otherwise.
+pub(crate) const DEFAULT_REAPER_INTERVAL: Duration = Duration::from_secs(60);
+/// Rows deleted per reaper statement unless configured otherwise.
+pub(crate) const DEFAULT_REAPER_BATCH: u32 = 1000;
+
+/// The longest TTL the stores accept; longer ones are shortened to it. A century is "forever"
+/// for an idempotency record, and capping keeps `now + ttl` inside every timestamp type.
+const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// PostgreSQL truncates identifiers to 63 bytes (`NAMEDATALEN - 1`).
+#[cfg(feature = "postgres")]
+const MAX_IDENTIFIER_LEN: usize = 63;
+
+/// A schema or table name that is not a plain, lowercase SQL identifier.
+#[cfg(feature = "postgres")]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid {kind} name {name:?}: expected a lowercase SQL identifier of at most 63 bytes \
+     matching [a-z_][a-z0-9_]*"
+)]
+pub(crate) struct InvalidIdentifier {
+    kind: &'static str,
+    name: String,
+}
+
+/// Accepts `name` only if it matches `^[a-z_][a-z0-9_]{0,62}$`.
+///
+/// Names are interpolated into SQL (identifiers cannot be bind parameters), so this check is
+/// what makes that safe: a validated name holds no quote, dot, space or other character that
+/// could change a statement's meaning, and it needs no case folding.
+#[cfg(feature = "postgres")]
+pub(crate) fn validate_identifier(kind: &'static str, name: &str) -> Result<(), InvalidIdentifier> {
+    let mut bytes = name.bytes();
+    let valid = name.len() <= MAX_IDENTIFIER_LEN
+        && bytes
+            .next()
+            .is_some_and(|first| first.is_ascii_lowercase() || first == b'_')
+        && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if valid {
+        Ok(())
+    } else {
+        Err(InvalidIdentifier {
+            kind,
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// The name of an object derived from `base` (an index, the migrations table): `base` followed
+/// by `suffix`, shortened so that it fits the 63-byte identifier limit.
+///
+/// A shortened name keeps a prefix of `base` and adds a hash of the whole of it, so two long
+/// table names that share a prefix still get distinct derived names, and the same base always
+/// derives the same name (migrations look objects up by it).
+#[cfg(feature = "postgres")]
+pub(crate) fn derived_name(base: &str, suffix: &str) -> String {
+    if base.len() + suffix.len() <= MAX_IDENTIFIER_LEN {
+        return format!("{base}{suffix}");
+    }
+    use sha2::{Digest, Sha256};
+    let hash = hex::encode(&Sha256::digest(base.as_bytes())[..4]);
+    // `base` is ASCII (validated), so any byte index is a character boundary.
+    let keep = MAX_IDENTIFIER_LEN - suffix.len() - hash.len() - 1;
+    format!("{}_{hash}{suffix}", &base[..keep.min(base.len())])
+}
+
+/// `duration` in whole microseconds, capped at [`MAX_TTL`].
+#[cfg(feature = "postgres")]
+pub(crate) fn micros(duration: Duration) -> i64 {
+    i64::try_from(duration.min(MAX_TTL).as_micros()).unwrap_or(i64::MAX)
+}
+
+/// `duration` in milliseconds, rounded up so that a non-zero TTL never becomes zero, capped at
+/// [`MAX_TTL`].
+#[cfg(feature = "sqlite")]
+pub(crate) fn millis(duration: Duration) -> i64 {
+    let micros = duration.min(MAX_TTL).as_micros();
+    i64::try_from(micros.div_ceil(1000)).unwrap_or(i64::MAX)
+}
+
+/// A pool size that suits the machine: two connections per core plus two, the usual starting
+/// point for a pool whose queries are short and mostly wait on the network.
+#[cfg(feature = "postgres")]
+pub(crate) fn default_pool_size() -> u32 {
+    let cores = std::thread::available_parallelism().map_or(4, std::num::NonZeroUsize::get);
+    u32::try_from(cores.saturating_mul(2).saturating_add(2)).unwrap_or(u32::MAX)
+}
+
+/// The lease token column as a [`LeaseToken`](super::LeaseToken) value. Tokens come from
+/// sequences that start at 1, so a negative one means the row was written by something else.
+pub(crate) fn token_from_column(token: i64) -> Result<u64, StoreError> {
+    u64::try_from(token)
+        .map_err(|_| StoreError::backend(format!("stored lease token {token} is negative")))
+}
+
+/// A store whose expired rows a reaper deletes.
+pub(crate) trait Reap: Send + Sync + 'static {
+    /// Deletes every expired row, batch by batch; returns how many were deleted.
+    fn reap_expired(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+}
+
+/// Runs `delete_batch` (which deletes at most `batch` expired rows and returns how many it
+/// deleted) until a batch comes back short, counting every batch in [`REAPED_RECORDS_TOTAL`].
+///
+/// Each batch is its own short statement, so the reaper never holds locks on more than `batch`
+/// rows, nor for longer than one batch takes, however large the backlog.
+pub(crate) async fn reap_in_batches<F, Fut>(
+    backend: &'static str,
+    batch: u32,
+    mut delete_batch: F,
+) -> Result<u64, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<u64, StoreError>>,
+{
+    let mut total = 0;
+    loop {
+        let deleted = delete_batch().await?;
+        total += deleted;
+        if deleted > 0 {
+            metrics::counter!(REAPED_RECORDS_TOTAL, "backend" => backend).increment(deleted);
+        }
+        if deleted < u64::from(batch) {
+            return Ok(total);
+        }
+        // Let requests on this runtime run between batches of a long backlog.
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Spawns the reaper of a store: every `interval` (zero disables it), one
+/// [`Reap::reap_expired`] pass.
+///
+/// The task holds only a [`Weak`] reference, so it never keeps a dropped store alive: it ends at
+/// the first tick after the last clone of the store is gone.
+pub(crate) fn spawn_reaper<R: Reap>(store: Weak<R>, interval: Duration, backend: &'static str) {
+    if interval.is_zero() {
+        return;
+    }
+    tokio::spawn(async move {
+        // The first pass waits one interval: a store that just connected has nothing urgent.
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let Some(store) = store.upgrade() else {
+                return;
+            };
+            match store.reap_expired().await {
+                Ok(0) => {}
+                Ok(deleted) => tracing::debug!(backend, deleted, "reaped expired records"),
+                // The next pass retries; expiry is enforced on read in the meantime, so a
+                // failing reaper only lets expired rows accumulate, never be replayed.
+                Err(error) => tracing::warn!(backend, %error, "reaping expired records failed"),
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(feature = "postgres")]
+    #[test]
+    fn identifiers_are_plain_lowercase_names() {
+        for good in ["public", "_x", "idempotency_records", "t1", &"a".repeat(63)] {
+            assert_eq!(validate_identifier("table", good), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            "1abc",
+            "Records",
+            "a-b",
+            "a b",
+            "a.b",
+            "a\"b",
+            "a;drop table x",
+            "é",
+            &"a".repeat(64),
+        ] {
+            assert!(validate_identifier("table", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[cfg(feature = "postgres")]
+    #[test]
+    fn derived_names_fit_and_stay_distinct() {
+        assert_eq!(derived_name("records", "_idx"), "records_idx");
+        let long_a = format!("{}a", "x".repeat(62));
+        let long_b = format!("{}b", "x".repeat(62));
+        let (a, b) = (
+            derived_name(&long_a, "_expires_at_idx"),
+            derived_name(&long_b, "_expires_at_idx"),
+        );
+        assert!(a.len() <= 63 && b.len() <= 63, "{a} {b}");
+        assert_ne!(a, b);
+        assert!(a.ends_with("_expires_at_idx"));
+        assert_eq!(a, derived_name(&long_a, "_expires_at_idx"), "deterministic");
+        assert!(validate_identifier("index", &a).is_ok());
+    }
+
+    #[cfg(feature = "postgres")]
+    #[test]
+    fn microseconds_are_capped() {
+        assert_eq!(micros(Duration::from_millis(400)), 400_000);
+        assert_eq!(micros(Duration::MAX), micros(MAX_TTL));
+    }
+
+    #[cfg(feature = "sqlite")]
+    #[test]
+    fn milliseconds_round_up_and_are_capped() {
+        assert_eq!(millis(Duration::from_millis(400)), 400);
+        assert_eq!(millis(Duration::from_micros(1)), 1, "rounded up");
+        assert_eq!(millis(Duration::ZERO), 0);
+        assert_eq!(millis(Duration::MAX), millis(MAX_TTL));
+    }
+}

@@ -1,0 +1,442 @@
+//! The SQLite store: durable records in a local database file, for one process.
+//!
+//! Everything about it (table layout, statements, concurrency) is documented on [`SqliteStore`].
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use sqlx::Row;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteExecutor, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+};
+
+use super::sql::{self, Reap};
+use super::{Begin, CompletionNotifier, IdempotencyStore, LeaseToken, StoreError, Subscription};
+use crate::fingerprint::Fingerprint;
+use crate::record::StoredResponse;
+use crate::scope::RecordKey;
+
+/// How long a writer waits for SQLite's write lock unless configured otherwise.
+const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The sqlx bookkeeping table of this store's migrations.
+const MIGRATIONS_TABLE: &str = "idempotency_migrations";
+
+/// The current time in Unix milliseconds, in SQL. A macro so that `concat!` can build each
+/// statement as one `&'static str`.
+macro_rules! now_ms {
+    () => {
+        "CAST(unixepoch('subsec') * 1000 AS INTEGER)"
+    };
+}
+
+/// The live row of key `?1`, seen by the request with fingerprint `?2`. The response is only read
+/// for the same request: a mismatch has no use for it.
+const LOOKUP: &str = concat!(
+    "SELECT fingerprint = ?2, response IS NULL, ",
+    "CASE WHEN fingerprint = ?2 THEN response END ",
+    "FROM idempotency_records WHERE key = ?1 AND expires_at > ",
+    now_ms!()
+);
+const NEXT_TOKEN: &str =
+    "UPDATE idempotency_tokens SET last = last + 1 WHERE id = 1 RETURNING last";
+/// Inserts the lease, or takes over the key's row; only run under the write lock, after `LOOKUP`
+/// found no live row.
+const ACQUIRE: &str = concat!(
+    "INSERT INTO idempotency_records (key, fingerprint, token, response, expires_at) ",
+    "VALUES (?1, ?2, ?3, NULL, ",
+    now_ms!(),
+    " + ?4) ",
+    "ON CONFLICT (key) DO UPDATE SET fingerprint = excluded.fingerprint, ",
+    "token = excluded.token, response = NULL, expires_at = excluded.expires_at"
+);
+const COMPLETE: &str = concat!(
+    "UPDATE idempotency_records SET response = ?3, expires_at = ",
+    now_ms!(),
+    " + ?4 WHERE key = ?1 AND token = ?2 AND response IS NULL"
+);
+const RENEW: &str = concat!(
+    "UPDATE idempotency_records SET expires_at = ",
+    now_ms!(),
+    " + ?3 WHERE key = ?1 AND token = ?2 AND response IS NULL"
+);
+const RELEASE: &str =
+    "DELETE FROM idempotency_records WHERE key = ?1 AND token = ?2 AND response IS NULL";
+const REAP: &str = concat!(
+    "DELETE FROM idempotency_records WHERE rowid IN (",
+    "SELECT rowid FROM idempotency_records WHERE expires_at <= ",
+    now_ms!(),
+    " LIMIT ?1)"
+);
+
+/// A store in a local SQLite database file: durable across restarts, for one process.
+///
+/// The sections below describe the tables and how `begin` stays atomic. For several
+/// processes, use the PostgreSQL or Redis store.
+///
+/// Cloning is cheap and shares the connection pool and the reaper, which stops when the last
+/// clone is dropped.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), tower_idempotency::StoreError> {
+/// use tower_idempotency::{IdempotencyLayer, SqliteStore};
+///
+/// // Creates the file and its tables if missing.
+/// let store = SqliteStore::connect("sqlite://idempotency.db").await?;
+/// let layer = IdempotencyLayer::new(store);
+/// # drop(layer); Ok(()) }
+/// ```
+///
+/// # Tables
+///
+/// Created by the migrations in `migrations/sqlite`, which [`SqliteStore`] applies itself when it
+/// connects (sqlx bookkeeping in `idempotency_migrations`, so the file may also hold an
+/// application's own sqlx-migrated tables):
+///
+/// `idempotency_records`, one row per record key:
+///
+/// | column | type | meaning |
+/// |---|---|---|
+/// | `key` | `BLOB` primary key | the [`RecordKey`], 32 bytes |
+/// | `fingerprint` | `BLOB` | the [`Fingerprint`] of the request that holds or held the key |
+/// | `token` | `INTEGER` | the fencing token of the lease |
+/// | `response` | `BLOB` null | `NULL` while in flight; [`StoredResponse::encode`] once completed |
+/// | `expires_at` | `INTEGER` | Unix ms; in flight: lease end; completed: record end |
+///
+/// with an index on `expires_at`, and `idempotency_tokens`, one row holding the last token issued.
+/// Tokens come from that counter, never reset, so a token is larger than every token issued
+/// before it, even for a key whose previous row has been deleted.
+///
+/// A row is *live* while `expires_at` is in the future; every statement treats a row that is not
+/// live as absent, whether or not the reaper has deleted it yet.
+///
+/// # Time
+///
+/// Deadlines are computed in SQL from SQLite's clock (`unixepoch('subsec')`, millisecond
+/// precision): one process, one clock.
+///
+/// # Concurrency
+///
+/// The database is opened in WAL mode, so reads never wait for the writer. `begin` first looks
+/// the key up with a plain read: a replay, an in-flight key and a mismatch are answered without
+/// taking the write lock. Only when no live row exists does it open a `BEGIN IMMEDIATE`
+/// transaction (which takes SQLite's single write lock up front, waiting up to the busy timeout),
+/// look again under that lock, and insert or take over the row with a new token. Because SQLite
+/// admits one writer at a time, two concurrent `begin`s cannot both acquire.
+///
+/// `complete`, `renew` and `release` are single statements conditional on the lease
+/// (`WHERE key = ? AND token = ? AND response IS NULL`); when they change no row the call returns
+/// [`StoreError::LeaseLost`]. After a successful `complete` or `release` the store wakes the
+/// key's subscribers through its [`CompletionNotifier`].
+///
+/// # Reaper
+///
+/// A background task (every 60 s by default) deletes expired rows, at most a batch per statement
+/// (so per write transaction), until a batch comes back short; see [`SqliteStore::reap_expired`].
+///
+/// # Durability
+///
+/// sqlx's default `synchronous = FULL` is kept: a completed record survives a power loss as soon
+/// as `complete` returns.
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: SqlitePool,
+    path: PathBuf,
+    reaper_batch: u32,
+    notifier: CompletionNotifier,
+}
+
+/// Configures and opens a [`SqliteStore`]; from [`SqliteStore::builder`].
+#[derive(Debug, Clone)]
+pub struct SqliteStoreBuilder {
+    url: String,
+    max_connections: Option<u32>,
+    busy_timeout: Duration,
+    reaper_interval: Duration,
+    reaper_batch: u32,
+}
+
+impl SqliteStoreBuilder {
+    /// The size of the connection pool (default: the number of cores, between 2 and 8). Reads
+    /// run in parallel; writes take turns on SQLite's single write lock whatever the size.
+    pub fn max_connections(mut self, max: u32) -> Self {
+        self.max_connections = Some(max.max(1));
+        self
+    }
+
+    /// How long a write waits for SQLite's write lock before failing (default 5 s).
+    pub fn busy_timeout(mut self, timeout: Duration) -> Self {
+        self.busy_timeout = timeout;
+        self
+    }
+
+    /// How often the reaper deletes expired rows (default 60 s; zero disables it).
+    pub fn reaper_interval(mut self, interval: Duration) -> Self {
+        self.reaper_interval = interval;
+        self
+    }
+
+    /// How many rows one reaper statement deletes at most (default 1000, at least 1): the
+    /// longest the reaper holds the write lock is one such batch.
+    pub fn reaper_batch(mut self, batch: u32) -> Self {
+        self.reaper_batch = batch.max(1);
+        self
+    }
+
+    /// Opens the database (creating the file if missing) in WAL mode, applies the migrations and
+    /// starts the reaper. Must be called inside a tokio runtime.
+    pub async fn connect(self) -> Result<SqliteStore, StoreError> {
+        let options = SqliteConnectOptions::from_str(&self.url)
+            .map_err(StoreError::backend)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(self.busy_timeout);
+        let path = options.get_filename().to_owned();
+        let max_connections = self.max_connections.unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
+            u32::try_from(cores.clamp(2, 8)).unwrap_or(8)
+        });
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max_connections)
+            .connect_with(options)
+            .await
+            .map_err(StoreError::backend)?;
+        migrate(&pool).await?;
+        let inner = Arc::new(Inner {
+            pool,
+            path,
+            reaper_batch: self.reaper_batch,
+            notifier: CompletionNotifier::new(),
+        });
+        sql::spawn_reaper(Arc::downgrade(&inner), self.reaper_interval, "sqlite");
+        Ok(SqliteStore { inner })
+    }
+}
+
+/// Applies `migrations/sqlite`.
+async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
+    let mut migrator = sqlx::migrate!("../migrations/sqlite");
+    migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
+    // A newer release may have applied migrations this one does not know (after a rollback):
+    // they only ever add to the schema, so this release keeps working with it.
+    migrator.set_ignore_missing(true);
+    match migrator.run(pool).await {
+        Ok(()) => Ok(()),
+        // sqlx takes no lock around SQLite migrations: when two processes open a new file at
+        // once, the slower one fails to record the version the faster one just applied. Looking
+        // again then finds it applied.
+        Err(first) => {
+            tracing::debug!(error = %first, "sqlite migration failed; retrying once");
+            migrator.run(pool).await.map_err(StoreError::backend)
+        }
+    }
+}
+
+impl SqliteStore {
+    /// A builder for a store on `url`: `sqlite://path/to/file.db` (relative to the working
+    /// directory) or `sqlite:///absolute/path.db`, with any option sqlx's
+    /// [`SqliteConnectOptions`] parses.
+    pub fn builder(url: impl Into<String>) -> SqliteStoreBuilder {
+        SqliteStoreBuilder {
+            url: url.into(),
+            max_connections: None,
+            busy_timeout: DEFAULT_BUSY_TIMEOUT,
+            reaper_interval: sql::DEFAULT_REAPER_INTERVAL,
+            reaper_batch: sql::DEFAULT_REAPER_BATCH,
+        }
+    }
+
+    /// Opens the store at `url` with every default; see [`SqliteStoreBuilder::connect`].
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::builder(url).connect().await
+    }
+
+    /// Deletes every expired row now, in batches of the configured size; returns how many rows
+    /// were deleted. The reaper task calls this every reaper interval.
+    pub async fn reap_expired(&self) -> Result<u64, StoreError> {
+        self.inner.reap_expired().await
+    }
+
+    /// Looks up the live row of `key` for the request `fingerprint`.
+    async fn lookup<'e>(
+        executor: impl SqliteExecutor<'e>,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+    ) -> Result<Option<Begin>, StoreError> {
+        let Some(row) = sqlx::query(LOOKUP)
+            .bind(&key.as_bytes()[..])
+            .bind(&fingerprint.as_bytes()[..])
+            .fetch_optional(executor)
+            .await
+            .map_err(StoreError::backend)?
+        else {
+            return Ok(None);
+        };
+        let same_request: bool = row.try_get(0).map_err(StoreError::backend)?;
+        let in_flight: bool = row.try_get(1).map_err(StoreError::backend)?;
+        Ok(Some(match (same_request, in_flight) {
+            (false, _) => Begin::Mismatch,
+            (true, true) => Begin::InFlight,
+            (true, false) => {
+                let response: Vec<u8> = row.try_get(2).map_err(StoreError::backend)?;
+                Begin::Completed(StoredResponse::decode(Bytes::from(response))?)
+            }
+        }))
+    }
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.inner.path)
+            .field("pool_size", &self.inner.pool.size())
+            .field("reaper_batch", &self.inner.reaper_batch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Reap for Inner {
+    async fn reap_expired(&self) -> Result<u64, StoreError> {
+        sql::reap_in_batches("sqlite", self.reaper_batch, || async {
+            let deleted = sqlx::query(REAP)
+                .bind(i64::from(self.reaper_batch))
+                .execute(&self.pool)
+                .await
+                .map_err(StoreError::backend)?;
+            Ok(deleted.rows_affected())
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for SqliteStore {
+    async fn begin(
+        &self,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        lock_ttl: Duration,
+    ) -> Result<Begin, StoreError> {
+        // Replays and conflicts are answered by this read alone, without the write lock.
+        if let Some(found) = Self::lookup(&self.inner.pool, key, fingerprint).await? {
+            return Ok(found);
+        }
+        let mut tx = self
+            .inner
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(StoreError::backend)?;
+        // Another request may have acquired the key between the read and the write lock.
+        match Self::lookup(&mut *tx, key, fingerprint).await {
+            Ok(None) => {}
+            Ok(Some(found)) => {
+                // Nothing to write: hand the write lock back now, not when the pool gets to it.
+                tx.rollback().await.map_err(StoreError::backend)?;
+                return Ok(found);
+            }
+            Err(error) => {
+                if let Err(rollback) = tx.rollback().await {
+                    tracing::debug!(error = %rollback, "rolling back a failed begin failed");
+                }
+                return Err(error);
+            }
+        }
+        let token: i64 = sqlx::query_scalar(NEXT_TOKEN)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(StoreError::backend)?;
+        sqlx::query(ACQUIRE)
+            .bind(&key.as_bytes()[..])
+            .bind(&fingerprint.as_bytes()[..])
+            .bind(token)
+            .bind(sql::millis(lock_ttl))
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::backend)?;
+        // A failure before this point drops `tx`, which rolls it back: nothing half-written.
+        tx.commit().await.map_err(StoreError::backend)?;
+        Ok(Begin::Acquired {
+            token: LeaseToken(sql::token_from_column(token)?),
+        })
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let token = i64::try_from(token.0).map_err(|_| StoreError::LeaseLost)?;
+        let encoded = response.encode();
+        let completed = sqlx::query(COMPLETE)
+            .bind(&key.as_bytes()[..])
+            .bind(token)
+            .bind(&encoded[..])
+            .bind(sql::millis(ttl))
+            .execute(&self.inner.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        if completed.rows_affected() == 0 {
+            return Err(StoreError::LeaseLost);
+        }
+        self.inner.notifier.notify(key);
+        Ok(())
+    }
+
+    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
+        let token = i64::try_from(token.0).map_err(|_| StoreError::LeaseLost)?;
+        let released = sqlx::query(RELEASE)
+            .bind(&key.as_bytes()[..])
+            .bind(token)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        if released.rows_affected() == 0 {
+            return Err(StoreError::LeaseLost);
+        }
+        self.inner.notifier.notify(key);
+        Ok(())
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        lock_ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let token = i64::try_from(token.0).map_err(|_| StoreError::LeaseLost)?;
+        let renewed = sqlx::query(RENEW)
+            .bind(&key.as_bytes()[..])
+            .bind(token)
+            .bind(sql::millis(lock_ttl))
+            .execute(&self.inner.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        if renewed.rows_affected() == 0 {
+            return Err(StoreError::LeaseLost);
+        }
+        Ok(())
+    }
+
+    fn subscribe(&self, key: &RecordKey) -> Subscription {
+        self.inner.notifier.subscribe(key)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.inner.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,723 @@
+//! The PostgreSQL store against a real server: the contract suite, then what only a shared SQL
+//! store has to get right (several processes, LISTEN/NOTIFY, the reaper, migrations, replays
+//! that write nothing).
+//!
+//! Reads `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`). Every test works in
+//! a schema of its own with a random name, so tests run in parallel; schemas left behind by
+//! earlier runs are dropped after ten minutes.
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, Row};
+use tokio::sync::{Barrier, OnceCell};
+use tower_idempotency::fingerprint::Fingerprint;
+use tower_idempotency::store::PostgresStoreBuilder;
+use tower_idempotency::{
+    Begin, IdempotencyStore, PostgresStore, RecordKey, Scope, StoreError, StoredResponse,
+};
+
+const LONG: Duration = Duration::from_secs(600);
+const SHORT: Duration = Duration::from_millis(150);
+const NOTIFY_WITHIN: Duration = Duration::from_secs(5);
+/// Test schemas older than this are left over from an earlier run and dropped.
+const STALE_SCHEMA_AGE: Duration = Duration::from_secs(600);
+
+mod conformance {
+    tower_idempotency::store_conformance_tests!(|| async { super::fresh_store().await.0 });
+}
+
+fn database_url() -> String {
+    test_fixtures::database_url()
+}
+
+/// The URL without its password, for messages.
+fn shown_url() -> String {
+    let url = database_url();
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url;
+    };
+    match rest.split_once('@') {
+        Some((user_info, host)) if user_info.contains(':') => {
+            let user = user_info.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}")
+        }
+        _ => url,
+    }
+}
+
+fn unreachable(error: impl std::fmt::Display) -> ! {
+    panic!(
+        "PostgreSQL is unreachable at {} ({error}). Start it with \
+         `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`, \
+         or point DATABASE_URL at a server.",
+        shown_url()
+    )
+}
+
+fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}
+
+/// `idem_test_<unix seconds>_<random>`: unique, and old ones are recognizable.
+fn fresh_schema() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let random =
+        RandomState::new().hash_one((std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
+    format!("idem_test_{}_{:016x}", unix_secs(), random)
+}
+
+async fn admin() -> PgConnection {
+    PgConnection::connect(&database_url())
+        .await
+        .unwrap_or_else(|error| unreachable(error))
+}
+
+/// Drops the test schemas of runs that ended long ago, once per test binary.
+async fn sweep_stale_schemas() {
+    static SWEPT: OnceCell<()> = OnceCell::const_new();
+    SWEPT
+        .get_or_init(|| async {
+            let mut conn = admin().await;
+            let schemas: Vec<String> = sqlx::query_scalar(
+                "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'idem\\_test\\_%'",
+            )
+            .fetch_all(&mut conn)
+            .await
+            .expect("list test schemas");
+            let cutoff = unix_secs().saturating_sub(STALE_SCHEMA_AGE.as_secs());
+            for schema in schemas {
+                let created = schema
+                    .split('_')
+                    .nth(2)
+                    .and_then(|secs| secs.parse::<u64>().ok());
+                if created.is_some_and(|created| created < cutoff) {
+                    // Another test binary may be dropping it too: failing here is fine.
+                    let _ = sqlx::query(AssertSqlSafe(format!(
+                        "DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
+                    )))
+                    .execute(&mut conn)
+                    .await;
+                }
+            }
+        })
+        .await;
+}
+
+async fn drop_schema(schema: &str) {
+    let mut conn = admin().await;
+    sqlx::query(AssertSqlSafe(format!(
+        "DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
+    )))
+    .execute(&mut conn)
+    .await
+    .expect("drop the test schema");
+}
+
+fn builder(schema: &str) -> PostgresStoreBuilder {
+    PostgresStore::builder(database_url())
+        .schema(schema)
+        .max_connections(8)
+}
+
+async fn connect(builder: PostgresStoreBuilder) -> PostgresStore {
+    builder
+        .connect()
+        .await
+        .unwrap_or_else(|error| unreachable(error))
+}
+
+/// A migrated store in a schema of its own.
+async fn fresh_store() -> (PostgresStore, String) {
+    sweep_stale_schemas().await;
+    let schema = fresh_schema();
+    let store = connect(builder(&schema)).await;
+    store.migrate().await.expect("migrate");
+    (store, schema)
+}
+
+fn key(name: &str) -> RecordKey {
+    RecordKey::new(&Scope::from_bytes(b"postgres-tests"), name.as_bytes())
+}
+
+fn fingerprint(tag: u8) -> Fingerprint {
+    Fingerprint::from_bytes([tag; 32])
+}
+
+fn response(body: &str) -> StoredResponse {
+    StoredResponse::new(
+        StatusCode::OK,
+        HeaderMap::new(),
+        Bytes::copy_from_slice(body.as_bytes()),
+    )
+}
+
+async fn acquire(store: &PostgresStore, key: &RecordKey, lock: Duration) -> u64 {
+    match store.begin(key, &fingerprint(1), lock).await {
+        Ok(Begin::Acquired { token }) => token.0,
+        other => panic!("expected to acquire, got {other:?}"),
+    }
+}
+
+async fn complete(store: &PostgresStore, name: &str, ttl: Duration) -> u64 {
+    let key = key(name);
+    let token = acquire(store, &key, LONG).await;
+    store
+        .complete(
+            &key,
+            tower_idempotency::LeaseToken(token),
+            &response(name),
+            ttl,
+        )
+        .await
+        .expect("complete");
+    token
+}
+
+async fn row_count(store: &PostgresStore) -> i64 {
+    let mut conn = admin().await;
+    sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT count(*) FROM \"{}\".\"{}\"",
+        store.schema(),
+        store.table()
+    )))
+    .fetch_one(&mut conn)
+    .await
+    .expect("count rows")
+}
+
+/// Begins racing on one key from `stores` (one per simulated process), `callers` in all.
+async fn race(
+    stores: &[PostgresStore],
+    key: &RecordKey,
+    callers: usize,
+    tag: fn(usize) -> u8,
+) -> Vec<Begin> {
+    let start = Arc::new(Barrier::new(callers));
+    let tasks: Vec<_> = (0..callers)
+        .map(|i| {
+            let store = stores[i % stores.len()].clone();
+            let (start, key) = (start.clone(), *key);
+            tokio::spawn(async move {
+                start.wait().await;
+                store.begin(&key, &fingerprint(tag(i)), LONG).await
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::with_capacity(callers);
+    for task in tasks {
+        outcomes.push(task.await.expect("task").expect("begin"));
+    }
+    outcomes
+}
+
+fn count(outcomes: &[Begin], what: fn(&Begin) -> bool) -> usize {
+    outcomes.iter().filter(|begun| what(begun)).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn begin_is_atomic_across_processes() {
+    let (first, schema) = fresh_store().await;
+    let mut stores = vec![first];
+    for _ in 0..3 {
+        stores.push(connect(builder(&schema)).await);
+    }
+
+    // A fresh key: one insert wins, the others conflict with a row their snapshot may not see.
+    let outcomes = race(&stores, &key("fresh"), 64, |_| 1).await;
+    let acquired = count(&outcomes, |b| matches!(b, Begin::Acquired { .. }));
+    let in_flight = count(&outcomes, |b| matches!(b, Begin::InFlight));
+    assert_eq!((acquired, in_flight), (1, 63), "{outcomes:?}");
+
+    // Two fingerprints: one acquires, the other half all mismatch.
+    let outcomes = race(&stores, &key("mixed"), 64, |i| 1 + (i % 2) as u8).await;
+    assert_eq!(count(&outcomes, |b| matches!(b, Begin::Acquired { .. })), 1);
+    assert_eq!(
+        count(&outcomes, |b| matches!(b, Begin::Mismatch)),
+        32,
+        "{outcomes:?}"
+    );
+
+    // An expired lease: exactly one caller takes it over, with a larger token.
+    let expired = key("expired");
+    let old = acquire(&stores[0], &expired, SHORT).await;
+    tokio::time::sleep(SHORT * 2).await;
+    let outcomes = race(&stores, &expired, 64, |_| 1).await;
+    let tokens: Vec<u64> = outcomes
+        .iter()
+        .filter_map(|b| match b {
+            Begin::Acquired { token } => Some(token.0),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(tokens.len(), 1, "{outcomes:?}");
+    assert!(tokens[0] > old);
+    assert_eq!(count(&outcomes, |b| matches!(b, Begin::InFlight)), 63);
+
+    drop(stores);
+    drop_schema(&schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completion_and_release_in_one_process_wake_waiters_in_another() {
+    let (a, schema) = fresh_store().await;
+    let b = connect(builder(&schema)).await;
+
+    let completed = key("wake-complete");
+    let token = acquire(&a, &completed, LONG).await;
+    let subscription = b.subscribe(&completed);
+    let woken = subscription.notified();
+    assert_eq!(
+        b.begin(&completed, &fingerprint(1), LONG).await.unwrap(),
+        Begin::InFlight
+    );
+    a.complete(
+        &completed,
+        tower_idempotency::LeaseToken(token),
+        &response("done"),
+        LONG,
+    )
+    .await
+    .expect("complete");
+    tokio::time::timeout(NOTIFY_WITHIN, woken)
+        .await
+        .expect("a completion in another process must wake the waiter");
+    assert_eq!(
+        b.begin(&completed, &fingerprint(1), LONG).await.unwrap(),
+        Begin::Completed(response("done"))
+    );
+
+    let released = key("wake-release");
+    let token = acquire(&a, &released, LONG).await;
+    let subscription = b.subscribe(&released);
+    let woken = subscription.notified();
+    a.release(&released, tower_idempotency::LeaseToken(token))
+        .await
+        .expect("release");
+    tokio::time::timeout(NOTIFY_WITHIN, woken)
+        .await
+        .expect("a release in another process must wake the waiter");
+
+    // Another table's completions do not reach this one's waiters.
+    let other_table = connect(builder(&schema).table("other_records")).await;
+    other_table
+        .migrate()
+        .await
+        .expect("migrate the other table");
+    assert_ne!(other_table.channel(), a.channel());
+    let shared_name = key("same-key-other-table");
+    let token = acquire(&other_table, &shared_name, LONG).await;
+    let subscription = b.subscribe(&shared_name);
+    let woken = subscription.notified();
+    other_table
+        .complete(
+            &shared_name,
+            tower_idempotency::LeaseToken(token),
+            &response("x"),
+            LONG,
+        )
+        .await
+        .expect("complete");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), woken)
+            .await
+            .is_err(),
+        "a completion in another table must not wake this table's waiters"
+    );
+
+    drop((a, b, other_table));
+    drop_schema(&schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listener_reconnects_and_wakes_waiters_after_losing_its_connection() {
+    let (a, schema) = fresh_store().await;
+    let b = connect(builder(&schema)).await;
+    let application = format!("tower-idempotency listener {}", b.channel());
+    let mut conn = admin().await;
+    let listeners = async |conn: &mut PgConnection| -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1")
+            .bind(&application)
+            .fetch_one(conn)
+            .await
+            .expect("count listeners")
+    };
+    assert_eq!(listeners(&mut conn).await, 2, "one listener per store");
+
+    // A waiter armed before the connection drops: whatever it missed, it is woken on reconnect.
+    let pending = key("pending-across-reconnect");
+    acquire(&a, &pending, LONG).await;
+    let subscription = b.subscribe(&pending);
+    let woken_on_reconnect = subscription.notified();
+
+    let terminated: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind(&application)
+    .fetch_all(&mut conn)
+    .await
+    .expect("terminate the listeners");
+    assert_eq!(terminated, [true, true]);
+
+    tokio::time::timeout(NOTIFY_WITHIN, woken_on_reconnect)
+        .await
+        .expect("waiters must be woken once the listener is back");
+    tokio::time::timeout(NOTIFY_WITHIN, async {
+        while listeners(&mut conn).await < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("both listeners must reconnect");
+
+    // And notifications flow again.
+    let after = key("after-reconnect");
+    let token = acquire(&a, &after, LONG).await;
+    let subscription = b.subscribe(&after);
+    let woken = subscription.notified();
+    a.complete(
+        &after,
+        tower_idempotency::LeaseToken(token),
+        &response("x"),
+        LONG,
+    )
+    .await
+    .expect("complete");
+    tokio::time::timeout(NOTIFY_WITHIN, woken)
+        .await
+        .expect("the reconnected listener must deliver notifications");
+
+    drop((a, b));
+    drop_schema(&schema).await;
+}
+
+#[tokio::test]
+async fn the_reaper_deletes_expired_rows_in_batches_and_spares_live_ones() {
+    sweep_stale_schemas().await;
+    let schema = fresh_schema();
+    let store = connect(
+        builder(&schema)
+            .reaper_interval(Duration::ZERO)
+            .reaper_batch(7),
+    )
+    .await;
+    store.migrate().await.expect("migrate");
+
+    for i in 0..20 {
+        complete(&store, &format!("expired-{i}"), SHORT).await;
+    }
+    for i in 0..5 {
+        acquire(&store, &key(&format!("dead-lease-{i}")), SHORT).await;
+    }
+    for i in 0..10 {
+        complete(&store, &format!("live-{i}"), LONG).await;
+    }
+    for i in 0..3 {
+        acquire(&store, &key(&format!("live-lease-{i}")), LONG).await;
+    }
+    tokio::time::sleep(SHORT * 2).await;
+
+    // 25 expired rows take four batches of at most 7.
+    assert_eq!(store.reap_expired().await.expect("reap"), 25);
+    assert_eq!(row_count(&store).await, 13);
+    assert_eq!(store.reap_expired().await.expect("reap"), 0);
+    for i in 0..10 {
+        let name = format!("live-{i}");
+        assert_eq!(
+            store
+                .begin(&key(&name), &fingerprint(1), LONG)
+                .await
+                .unwrap(),
+            Begin::Completed(response(&name))
+        );
+    }
+    for i in 0..3 {
+        assert_eq!(
+            store
+                .begin(&key(&format!("live-lease-{i}")), &fingerprint(1), LONG)
+                .await
+                .unwrap(),
+            Begin::InFlight
+        );
+    }
+
+    drop(store);
+    drop_schema(&schema).await;
+}
+
+#[tokio::test]
+async fn the_reaper_skips_rows_other_transactions_hold() {
+    let (store, schema) = fresh_store().await;
+    complete(&store, "held", SHORT).await;
+    complete(&store, "free", SHORT).await;
+    tokio::time::sleep(SHORT * 2).await;
+
+    let mut holder = admin().await;
+    let mut tx = holder.begin().await.expect("begin");
+    sqlx::query(AssertSqlSafe(format!(
+        "SELECT 1 FROM \"{schema}\".idempotency_records WHERE key = $1 FOR UPDATE"
+    )))
+    .bind(&key("held").as_bytes()[..])
+    .fetch_one(&mut *tx)
+    .await
+    .expect("lock the row");
+
+    let reaped = tokio::time::timeout(Duration::from_secs(5), store.reap_expired())
+        .await
+        .expect("the reaper must not wait for a locked row")
+        .expect("reap");
+    assert_eq!(reaped, 1);
+    tx.commit().await.expect("commit");
+    assert_eq!(store.reap_expired().await.expect("reap"), 1);
+    assert_eq!(row_count(&store).await, 0);
+
+    drop(store);
+    drop_schema(&schema).await;
+}
+
+#[tokio::test]
+async fn the_background_reaper_runs_on_its_own() {
+    sweep_stale_schemas().await;
+    let schema = fresh_schema();
+    let store = connect(builder(&schema).reaper_interval(Duration::from_millis(100))).await;
+    store.migrate().await.expect("migrate");
+    complete(&store, "short-lived", SHORT).await;
+    complete(&store, "long-lived", LONG).await;
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while row_count(&store).await > 1 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the reaper must delete the expired row");
+    assert_eq!(row_count(&store).await, 1, "the live row stays");
+
+    drop(store);
+    drop_schema(&schema).await;
+}
+
+#[tokio::test]
+async fn tokens_keep_increasing_after_the_row_was_reaped() {
+    let (store, schema) = fresh_store().await;
+    let old = complete(&store, "reaped", SHORT).await;
+    tokio::time::sleep(SHORT * 2).await;
+    assert_eq!(store.reap_expired().await.expect("reap"), 1);
+    assert_eq!(row_count(&store).await, 0);
+    let new = acquire(&store, &key("reaped"), LONG).await;
+    assert!(new > old, "token {new} must be larger than {old}");
+    drop(store);
+    drop_schema(&schema).await;
+}
+
+#[tokio::test]
+async fn invalid_schema_and_table_names_are_refused() {
+    let bad_names = [
+        "",
+        "Upper",
+        "1starts_with_digit",
+        "has-dash",
+        "has space",
+        "dotted.name",
+        "quote\"d",
+        "x; DROP TABLE users; --",
+        "ünïcode",
+        &"a".repeat(64),
+    ];
+    for bad in bad_names {
+        for (what, builder) in [
+            ("schema", PostgresStore::builder(database_url()).schema(bad)),
+            ("table", PostgresStore::builder(database_url()).table(bad)),
+        ] {
+            match builder.connect().await {
+                Err(StoreError::Backend(error)) => {
+                    let message = error.to_string();
+                    assert!(
+                        message.contains(what) && message.contains("identifier"),
+                        "unclear error for {what} {bad:?}: {message}"
+                    );
+                }
+                other => panic!("{what} {bad:?} must be refused, got {other:?}"),
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn names_of_the_maximum_length_work() {
+    sweep_stale_schemas().await;
+    let schema = fresh_schema();
+    let table = "t".repeat(63);
+    let store = connect(builder(&schema).table(&table)).await;
+    store.migrate().await.expect("migrate");
+    store.migrate().await.expect("migrate again");
+    complete(&store, "long-names", LONG).await;
+    assert_eq!(
+        store
+            .begin(&key("long-names"), &fingerprint(1), LONG)
+            .await
+            .unwrap(),
+        Begin::Completed(response("long-names"))
+    );
+    drop(store);
+    drop_schema(&schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn migrating_twice_or_concurrently_is_harmless() {
+    sweep_stale_schemas().await;
+    let schema = fresh_schema();
+    let mut stores = Vec::new();
+    for _ in 0..3 {
+        stores.push(connect(builder(&schema)).await);
+    }
+    // Three processes migrating a database at once: the advisory lock lets one apply, the others
+    // find the work done.
+    let migrations: Vec<_> = stores
+        .iter()
+        .map(|store| {
+            let store = store.clone();
+            tokio::spawn(async move { store.migrate().await })
+        })
+        .collect();
+    for migration in migrations {
+        migration.await.expect("task").expect("concurrent migrate");
+    }
+    stores[0].migrate().await.expect("migrate again");
+
+    let mut conn = admin().await;
+    let applied: Vec<(i64, bool)> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT version, success FROM \"{schema}\".idempotency_records_migrations ORDER BY version"
+    )))
+    .fetch_all(&mut conn)
+    .await
+    .expect("read the bookkeeping table");
+    assert_eq!(applied, [(1, true)]);
+    // The store works on the migrated table.
+    complete(&stores[1], "after-migrations", LONG).await;
+
+    drop(stores);
+    drop_schema(&schema).await;
+}
+
+/// The row's physical identity: `ctid` moves on an update, `xmin` is the writing transaction,
+/// and `xmax` is set by a delete, an update or merely a row lock.
+async fn row_version(
+    conn: &mut PgConnection,
+    store: &PostgresStore,
+    key: &RecordKey,
+) -> (String, String, String) {
+    let row = sqlx::query(AssertSqlSafe(format!(
+        "SELECT ctid::text, xmin::text, xmax::text FROM \"{}\".\"{}\" WHERE key = $1",
+        store.schema(),
+        store.table()
+    )))
+    .bind(&key.as_bytes()[..])
+    .fetch_one(conn)
+    .await
+    .expect("read the row version");
+    (row.get(0), row.get(1), row.get(2))
+}
+
+#[tokio::test]
+async fn replays_and_conflicts_write_nothing() {
+    let (store, schema) = fresh_store().await;
+    let mut conn = admin().await;
+
+    complete(&store, "replayed", LONG).await;
+    let replayed = key("replayed");
+    let before = row_version(&mut conn, &store, &replayed).await;
+    assert_eq!(before.2, "0", "a settled row carries no lock");
+    for _ in 0..20 {
+        assert!(matches!(
+            store.begin(&replayed, &fingerprint(1), LONG).await.unwrap(),
+            Begin::Completed(_)
+        ));
+        assert_eq!(
+            store.begin(&replayed, &fingerprint(2), LONG).await.unwrap(),
+            Begin::Mismatch
+        );
+    }
+    assert_eq!(
+        row_version(&mut conn, &store, &replayed).await,
+        before,
+        "replays must neither update nor lock the row"
+    );
+
+    let running = key("running");
+    acquire(&store, &running, LONG).await;
+    let before = row_version(&mut conn, &store, &running).await;
+    for _ in 0..20 {
+        assert_eq!(
+            store.begin(&running, &fingerprint(1), LONG).await.unwrap(),
+            Begin::InFlight
+        );
+    }
+    assert_eq!(
+        row_version(&mut conn, &store, &running).await,
+        before,
+        "in-flight answers must neither update nor lock the row"
+    );
+
+    drop(store);
+    drop_schema(&schema).await;
+}
+
+#[tokio::test]
+async fn a_corrupt_stored_response_is_an_error_not_a_panic() {
+    let (store, schema) = fresh_store().await;
+    let mut conn = admin().await;
+    for (name, corrupt) in [
+        ("unknown-version", &b"\x09\x00\xc8\x00\x00"[..]),
+        ("truncated", &b"\x01\x00"[..]),
+    ] {
+        complete(&store, name, LONG).await;
+        sqlx::query(AssertSqlSafe(format!(
+            "UPDATE \"{schema}\".idempotency_records SET response = $2 WHERE key = $1"
+        )))
+        .bind(&key(name).as_bytes()[..])
+        .bind(corrupt)
+        .execute(&mut conn)
+        .await
+        .expect("corrupt the row");
+        let begun = store.begin(&key(name), &fingerprint(1), LONG).await;
+        assert!(
+            matches!(begun, Err(StoreError::Corrupt(_))),
+            "{name}: {begun:?}"
+        );
+    }
+    drop(store);
+    drop_schema(&schema).await;
+}
+
+#[tokio::test]
+async fn ping_debug_and_an_unreachable_server() {
+    let (store, schema) = fresh_store().await;
+    store.ping().await.expect("ping");
+    let debug = format!("{store:?}");
+    assert!(
+        debug.contains(&schema) && debug.contains("idempotency_records"),
+        "{debug}"
+    );
+    drop(store);
+    drop_schema(&schema).await;
+
+    // Nothing listens on port 1: connecting fails at once with the reason, not after a timeout.
+    let refused = tokio::time::timeout(
+        Duration::from_secs(5),
+        PostgresStore::connect("postgres://postgres@127.0.0.1:1/test"),
+    )
+    .await
+    .expect("a refused connection must fail fast");
+    let error = refused.expect_err("nothing listens on port 1");
+    assert!(
+        error.to_string().to_lowercase().contains("refused"),
+        "{error}"
+    );
+}

@@ -1,0 +1,307 @@
+//! The SQLite store against real database files: the contract suite, then durability across
+//! reopening, the reaper and corrupt records. Every test uses a fresh file in a temporary
+//! directory of its own.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+use sqlx::{Connection, SqliteConnection};
+use tempfile::TempDir;
+use tower_idempotency::fingerprint::Fingerprint;
+use tower_idempotency::store::Subscription;
+use tower_idempotency::{
+    Begin, IdempotencyStore, LeaseToken, RecordKey, Scope, SqliteStore, StoreError, StoredResponse,
+};
+
+const LONG: Duration = Duration::from_secs(600);
+const SHORT: Duration = Duration::from_millis(150);
+
+/// A store and the directory holding its file, removed when the store is dropped.
+struct TempStore {
+    store: SqliteStore,
+    _dir: TempDir,
+}
+
+impl TempStore {
+    async fn new() -> Self {
+        let dir = TempDir::new().expect("temporary directory");
+        let store = SqliteStore::connect(&url(&dir))
+            .await
+            .expect("open the store");
+        Self { store, _dir: dir }
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for TempStore {
+    async fn begin(
+        &self,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        lock_ttl: Duration,
+    ) -> Result<Begin, StoreError> {
+        self.store.begin(key, fingerprint, lock_ttl).await
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.store.complete(key, token, response, ttl).await
+    }
+
+    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
+        self.store.release(key, token).await
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        lock_ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.store.renew(key, token, lock_ttl).await
+    }
+
+    fn subscribe(&self, key: &RecordKey) -> Subscription {
+        self.store.subscribe(key)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.store.ping().await
+    }
+}
+
+mod conformance {
+    tower_idempotency::store_conformance_tests!(super::TempStore::new);
+}
+
+fn url(dir: &TempDir) -> String {
+    format!("sqlite://{}", dir.path().join("idempotency.db").display())
+}
+
+fn key(name: &str) -> RecordKey {
+    RecordKey::new(&Scope::from_bytes(b"sqlite-tests"), name.as_bytes())
+}
+
+fn fingerprint(tag: u8) -> Fingerprint {
+    Fingerprint::from_bytes([tag; 32])
+}
+
+fn response(body: &'static str) -> StoredResponse {
+    StoredResponse::new(
+        StatusCode::OK,
+        HeaderMap::new(),
+        Bytes::from_static(body.as_bytes()),
+    )
+}
+
+async fn acquire(store: &SqliteStore, key: &RecordKey, lock: Duration) -> LeaseToken {
+    match store.begin(key, &fingerprint(1), lock).await {
+        Ok(Begin::Acquired { token }) => token,
+        other => panic!("expected to acquire, got {other:?}"),
+    }
+}
+
+async fn complete(
+    store: &SqliteStore,
+    name: &str,
+    body: &'static str,
+    ttl: Duration,
+) -> LeaseToken {
+    let key = key(name);
+    let token = acquire(store, &key, LONG).await;
+    store
+        .complete(&key, token, &response(body), ttl)
+        .await
+        .expect("complete");
+    token
+}
+
+async fn row_count(dir: &TempDir) -> i64 {
+    let mut conn = SqliteConnection::connect(&url(dir)).await.expect("open");
+    sqlx::query_scalar("SELECT count(*) FROM idempotency_records")
+        .fetch_one(&mut conn)
+        .await
+        .expect("count rows")
+}
+
+#[tokio::test]
+async fn the_file_is_created_in_wal_mode_with_its_tables() {
+    let dir = TempDir::new().expect("temporary directory");
+    let path = dir.path().join("idempotency.db");
+    assert!(!path.exists());
+    let store = SqliteStore::connect(&url(&dir)).await.expect("open");
+    assert!(path.exists(), "the database file must be created");
+    store.ping().await.expect("ping");
+    assert!(format!("{store:?}").contains("idempotency.db"));
+
+    let mut conn = SqliteConnection::connect(&url(&dir)).await.expect("open");
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(&mut conn)
+        .await
+        .expect("journal mode");
+    assert_eq!(mode, "wal");
+    let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM idempotency_migrations")
+        .fetch_all(&mut conn)
+        .await
+        .expect("bookkeeping table");
+    assert_eq!(applied, [1]);
+}
+
+#[tokio::test]
+async fn records_survive_reopening_the_file() {
+    let dir = TempDir::new().expect("temporary directory");
+    let first = SqliteStore::connect(&url(&dir)).await.expect("open");
+    let token = complete(&first, "durable", "kept", LONG).await;
+    let running = acquire(&first, &key("running"), LONG).await;
+    drop(first);
+
+    // A new store (a restarted process) on the same file: migrations find the work done, the
+    // completed record replays, the lease still holds, and tokens keep growing.
+    let second = SqliteStore::connect(&url(&dir)).await.expect("reopen");
+    assert_eq!(
+        second
+            .begin(&key("durable"), &fingerprint(1), LONG)
+            .await
+            .unwrap(),
+        Begin::Completed(response("kept"))
+    );
+    assert_eq!(
+        second
+            .begin(&key("running"), &fingerprint(1), LONG)
+            .await
+            .unwrap(),
+        Begin::InFlight
+    );
+    second
+        .complete(&key("running"), running, &response("finished"), LONG)
+        .await
+        .expect("the lease taken before the restart still completes");
+    let next = acquire(&second, &key("new"), LONG).await;
+    assert!(next > token && next > running);
+}
+
+#[tokio::test]
+async fn the_reaper_deletes_expired_rows_in_batches_and_spares_live_ones() {
+    let dir = TempDir::new().expect("temporary directory");
+    let store = SqliteStore::builder(url(&dir))
+        .reaper_interval(Duration::ZERO)
+        .reaper_batch(7)
+        .connect()
+        .await
+        .expect("open");
+    for i in 0..20 {
+        complete(&store, &format!("expired-{i}"), "x", SHORT).await;
+    }
+    for i in 0..5 {
+        acquire(&store, &key(&format!("dead-lease-{i}")), SHORT).await;
+    }
+    for i in 0..10 {
+        complete(&store, &format!("live-{i}"), "live", LONG).await;
+    }
+    acquire(&store, &key("live-lease"), LONG).await;
+    tokio::time::sleep(SHORT * 2).await;
+
+    assert_eq!(store.reap_expired().await.expect("reap"), 25);
+    assert_eq!(row_count(&dir).await, 11);
+    assert_eq!(store.reap_expired().await.expect("reap"), 0);
+    for i in 0..10 {
+        assert_eq!(
+            store
+                .begin(&key(&format!("live-{i}")), &fingerprint(1), LONG)
+                .await
+                .unwrap(),
+            Begin::Completed(response("live"))
+        );
+    }
+    assert_eq!(
+        store
+            .begin(&key("live-lease"), &fingerprint(1), LONG)
+            .await
+            .unwrap(),
+        Begin::InFlight
+    );
+
+    // A token issued after the old rows are gone is still larger than theirs.
+    let old = complete(&store, "reacquired", "x", SHORT).await;
+    tokio::time::sleep(SHORT * 2).await;
+    assert_eq!(store.reap_expired().await.expect("reap"), 1);
+    assert!(acquire(&store, &key("reacquired"), LONG).await > old);
+}
+
+#[tokio::test]
+async fn the_background_reaper_runs_on_its_own() {
+    let dir = TempDir::new().expect("temporary directory");
+    let store = SqliteStore::builder(url(&dir))
+        .reaper_interval(Duration::from_millis(100))
+        .connect()
+        .await
+        .expect("open");
+    complete(&store, "short-lived", "x", SHORT).await;
+    complete(&store, "long-lived", "x", LONG).await;
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while row_count(&dir).await > 1 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the reaper must delete the expired row");
+    assert_eq!(row_count(&dir).await, 1, "the live row stays");
+}
+
+#[tokio::test]
+async fn a_corrupt_stored_response_is_an_error_not_a_panic() {
+    let dir = TempDir::new().expect("temporary directory");
+    let store = SqliteStore::connect(&url(&dir)).await.expect("open");
+    let mut conn = SqliteConnection::connect(&url(&dir)).await.expect("open");
+    for (name, corrupt) in [
+        ("unknown-version", &b"\x09\x00\xc8\x00\x00"[..]),
+        ("truncated", &b"\x01\x00"[..]),
+    ] {
+        complete(&store, name, "x", LONG).await;
+        sqlx::query("UPDATE idempotency_records SET response = ?2 WHERE key = ?1")
+            .bind(&key(name).as_bytes()[..])
+            .bind(corrupt)
+            .execute(&mut conn)
+            .await
+            .expect("corrupt the row");
+        let begun = store.begin(&key(name), &fingerprint(1), LONG).await;
+        assert!(
+            matches!(begun, Err(StoreError::Corrupt(_))),
+            "{name}: {begun:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_unusable_path_is_an_error() {
+    let dir = TempDir::new().expect("temporary directory");
+    let url = format!(
+        "sqlite://{}",
+        dir.path().join("missing-dir/idempotency.db").display()
+    );
+    assert!(matches!(
+        SqliteStore::connect(&url).await,
+        Err(StoreError::Backend(_))
+    ));
+}
+
+#[tokio::test]
+async fn an_in_memory_database_works_for_tests_and_development() {
+    let store = SqliteStore::connect("sqlite::memory:").await.expect("open");
+    let token = complete(&store, "in-memory", "kept", LONG).await;
+    assert_eq!(
+        store
+            .begin(&key("in-memory"), &fingerprint(1), LONG)
+            .await
+            .unwrap(),
+        Begin::Completed(response("kept"))
+    );
+    assert!(acquire(&store, &key("other"), LONG).await > token);
+}
