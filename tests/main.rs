@@ -13,3 +13,4 @@ mod support;
 
 mod proxy;
 mod redis;
+mod stores;

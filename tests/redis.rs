@@ -1,12 +1,11 @@
 //! Proxy processes sharing one Redis (or one Redis Cluster).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use reqwest::StatusCode;
-use test_fixtures::{RedisCluster, RedisServer, redis_url, require_redis, unique};
+use test_fixtures::{RedisCluster, redis_url, require_redis, unique};
 
-use crate::support::{Proxy, Reply, Upstream, config, eventually};
+use crate::support::{Proxy, Reply, Upstream, config};
 
 fn redis_store(url: &str, prefix: &str) -> String {
     format!("[store]\nbackend = \"redis\"\nurl = \"{url}\"\nprefix = \"{prefix}\"\n")
@@ -73,73 +72,6 @@ async fn two_proxies_on_one_redis_run_a_key_once_in_wait_mode() {
     );
     assert!(replies.iter().all(|r| r.body == replies[0].body));
     assert_eq!(replies.iter().filter(|r| r.replayed()).count(), 49);
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_redis_restart_rejects_or_forwards_per_route_and_the_proxy_recovers() {
-    let mut redis = RedisServer::start();
-    let upstream = Upstream::start().await;
-    let settings = format!(
-        "{}timeout = \"1s\"\n\n[[route]]\npath = \"/feed/**\"\non_store_error = \"forward\"\n",
-        redis_store(&redis.url(), "restart")
-    );
-    let proxy = Proxy::start(&config(&upstream.url, &settings));
-    assert_eq!(
-        proxy
-            .send(proxy.post("/payments", "before").body("x"))
-            .await
-            .status,
-        StatusCode::CREATED
-    );
-    assert_eq!(proxy.admin_get("/readyz").await.status, StatusCode::OK);
-
-    redis.kill();
-    let rejected = proxy
-        .send(proxy.post("/payments", "during").body("x"))
-        .await;
-    assert_eq!(rejected.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(rejected.problem(), "store-unavailable");
-    assert_eq!(
-        upstream.runs_of("during"),
-        0,
-        "a reject route never runs unprotected"
-    );
-    let forwarded = proxy
-        .send(proxy.post("/feed/items", "during-feed").body("x"))
-        .await;
-    assert_eq!(forwarded.status, StatusCode::CREATED);
-    assert_eq!(upstream.runs_of("during-feed"), 1, "a forward route runs");
-    assert_eq!(
-        proxy.admin_get("/readyz").await.status,
-        StatusCode::SERVICE_UNAVAILABLE
-    );
-    assert!(
-        proxy
-            .metric("idempotency_requests_total{outcome=\"forwarded\"}")
-            .await
-            >= 1.0
-    );
-
-    redis.restart();
-    eventually(
-        Duration::from_secs(20),
-        "the proxy to reconnect",
-        async || {
-            proxy
-                .send(proxy.post("/payments", "after").body("x"))
-                .await
-                .status
-                == StatusCode::CREATED
-        },
-    )
-    .await;
-    assert!(
-        proxy
-            .send(proxy.post("/payments", "after").body("x"))
-            .await
-            .replayed()
-    );
-    assert_eq!(proxy.admin_get("/readyz").await.status, StatusCode::OK);
 }
 
 #[tokio::test(flavor = "multi_thread")]

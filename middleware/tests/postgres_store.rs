@@ -66,12 +66,8 @@ fn unix_secs() -> u64 {
         .map_or(0, |elapsed| elapsed.as_secs())
 }
 
-/// `idem_test_<unix seconds>_<random>`: unique, and old ones are recognizable.
 fn fresh_schema() -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let random =
-        RandomState::new().hash_one((std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
-    format!("idem_test_{}_{:016x}", unix_secs(), random)
+    test_fixtures::test_schema()
 }
 
 async fn admin() -> PgConnection {

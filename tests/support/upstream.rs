@@ -17,6 +17,7 @@ use serde::Deserialize;
 struct Counts {
     total: AtomicUsize,
     by_key: Mutex<HashMap<String, usize>>,
+    started_by_key: Mutex<HashMap<String, usize>>,
     last_headers: Mutex<Option<HeaderMap>>,
 }
 
@@ -84,6 +85,17 @@ impl Upstream {
             .unwrap_or(0)
     }
 
+    /// How many requests with `key` have started (reached the upstream), finished or not.
+    pub fn started_of(&self, key: &str) -> usize {
+        self.counts
+            .started_by_key
+            .lock()
+            .expect("counts")
+            .get(key)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Every key and how often it ran.
     pub fn runs_by_key(&self) -> HashMap<String, usize> {
         self.counts.by_key.lock().expect("counts").clone()
@@ -106,13 +118,17 @@ impl Drop for Upstream {
     }
 }
 
-fn record(counts: &Counts, headers: &HeaderMap) -> usize {
-    let run = counts.total.fetch_add(1, Ordering::SeqCst) + 1;
-    let key = headers
+fn key_of(headers: &HeaderMap) -> String {
+    headers
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
-        .to_owned();
+        .to_owned()
+}
+
+fn record(counts: &Counts, headers: &HeaderMap) -> usize {
+    let run = counts.total.fetch_add(1, Ordering::SeqCst) + 1;
+    let key = key_of(headers);
     *counts
         .by_key
         .lock()
@@ -128,7 +144,19 @@ async fn charge(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    tokio::time::sleep(Duration::from_millis(params.ms)).await;
+    *counts
+        .started_by_key
+        .lock()
+        .expect("counts")
+        .entry(key_of(&headers))
+        .or_default() += 1;
+    // The delay comes from the query (part of the fingerprint) or from `x-delay-ms` (not part of
+    // it), so a retry can be fast while being the same request.
+    let delay = headers
+        .get("x-delay-ms")
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .unwrap_or(params.ms);
+    tokio::time::sleep(Duration::from_millis(delay)).await;
     let run = record(&counts, &headers);
     let caller = headers
         .get("authorization")
