@@ -6,10 +6,7 @@
 //! a schema of its own with a random name, so tests run in parallel; schemas left behind by
 //! earlier runs are dropped after ten minutes.
 
-use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
