@@ -11,8 +11,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tower_idempotency::IdempotencyStore;
 use tower_idempotency::problem::{Problem, ProblemKind};
 
-use crate::store::DynStore;
 use crate::telemetry;
+use tower_idempotency::store::DynStore;
 
 /// How long `/readyz` waits for the store before calling it unreachable.
 const READINESS_TIMEOUT: Duration = Duration::from_secs(2);

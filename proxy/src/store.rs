@@ -1,74 +1,9 @@
 //! Opening the configured store.
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use async_trait::async_trait;
-use tower_idempotency::fingerprint::Fingerprint;
-use tower_idempotency::store::Subscription;
-use tower_idempotency::{
-    Begin, IdempotencyStore, LeaseToken, MemoryStore, RecordKey, StoreError, StoredResponse,
-};
+use tower_idempotency::store::DynStore;
+use tower_idempotency::{MemoryStore, StoreError};
 
 use crate::config::{Backend, StoreConfig};
-
-/// The store behind the proxy, whichever backend it is.
-///
-/// A named type rather than `Arc<dyn IdempotencyStore>`: the compiler cannot prove futures that
-/// mention `dyn Trait + 'static` through a generic service stack `Send` (the trait object's
-/// lifetime is erased inside async blocks), while a plain struct has no lifetime to erase.
-#[derive(Clone)]
-pub struct DynStore(Arc<dyn IdempotencyStore>);
-
-impl DynStore {
-    /// Wraps a store.
-    pub fn new(store: impl IdempotencyStore) -> Self {
-        Self(Arc::new(store))
-    }
-}
-
-#[async_trait]
-impl IdempotencyStore for DynStore {
-    async fn begin(
-        &self,
-        key: &RecordKey,
-        fingerprint: &Fingerprint,
-        lock_ttl: Duration,
-    ) -> Result<Begin, StoreError> {
-        self.0.begin(key, fingerprint, lock_ttl).await
-    }
-
-    async fn complete(
-        &self,
-        key: &RecordKey,
-        token: LeaseToken,
-        response: &StoredResponse,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.0.complete(key, token, response, ttl).await
-    }
-
-    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
-        self.0.release(key, token).await
-    }
-
-    async fn renew(
-        &self,
-        key: &RecordKey,
-        token: LeaseToken,
-        lock_ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.0.renew(key, token, lock_ttl).await
-    }
-
-    fn subscribe(&self, key: &RecordKey) -> Subscription {
-        self.0.subscribe(key)
-    }
-
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.0.ping().await
-    }
-}
 
 /// The store could not be opened.
 #[derive(Debug, thiserror::Error)]

@@ -231,3 +231,72 @@ macro_rules! forward_store_impl {
 }
 
 forward_store_impl!(Arc<S>, Box<S>);
+
+/// Any store, chosen at run time (for example from configuration).
+///
+/// Use this rather than `Arc<dyn IdempotencyStore>` as the layer's store type: the compiler cannot
+/// prove the futures of a service stack generic over `dyn IdempotencyStore + 'static` to be `Send`
+/// (the trait object's lifetime is erased inside async blocks, a known limitation), while a plain
+/// struct has no lifetime to erase.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use tower_idempotency::store::DynStore;
+/// use tower_idempotency::{IdempotencyLayer, MemoryStore};
+///
+/// let store = DynStore::new(MemoryStore::new());
+/// let layer = IdempotencyLayer::new(store);
+/// # drop(layer); }
+/// ```
+#[derive(Clone)]
+pub struct DynStore(Arc<dyn IdempotencyStore>);
+
+impl DynStore {
+    /// Wraps a store.
+    pub fn new(store: impl IdempotencyStore) -> Self {
+        Self(Arc::new(store))
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for DynStore {
+    async fn begin(
+        &self,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        lock_ttl: Duration,
+    ) -> Result<Begin, StoreError> {
+        self.0.begin(key, fingerprint, lock_ttl).await
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.0.complete(key, token, response, ttl).await
+    }
+
+    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
+        self.0.release(key, token).await
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        lock_ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.0.renew(key, token, lock_ttl).await
+    }
+
+    fn subscribe(&self, key: &RecordKey) -> Subscription {
+        self.0.subscribe(key)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.0.ping().await
+    }
+}
