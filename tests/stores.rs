@@ -128,6 +128,57 @@ async fn each_key_runs_once_under_500_concurrent_requests(kind: Kind) {
     assert_eq!(upstream.runs(), 50);
 }
 
+/// 50 concurrent duplicates of one request, alternating between two proxies on one store: the
+/// upstream runs once. Rejecting, the others get 409 or the replay; waiting, they all get the one
+/// response.
+async fn fifty_duplicates_across_two_proxies_run_once(kind: Kind, on_conflict: &str) {
+    let store = Store::new(kind);
+    let upstream = Upstream::start().await;
+    let proxies = start_proxies(
+        &upstream,
+        &store,
+        &format!("[idempotency]\non_conflict = \"{on_conflict}\"\n"),
+    );
+    let replies = futures_util::future::join_all((0..50).map(|i| {
+        let proxy = &proxies[i % proxies.len()];
+        async move { proxy.send(delayed(proxy, "dup", 300)).await }
+    }))
+    .await;
+    assert_eq!(upstream.runs(), 1);
+    let created: Vec<&Reply> = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::CREATED)
+        .collect();
+    assert!(created.iter().all(|r| r.body == created[0].body));
+    if on_conflict == "wait" {
+        assert_eq!(created.len(), 50, "{replies:?}");
+        assert_eq!(replies.iter().filter(|r| r.replayed()).count(), 49);
+    } else {
+        assert!(
+            replies
+                .iter()
+                .all(|r| r.status == StatusCode::CREATED || r.status == StatusCode::CONFLICT)
+        );
+    }
+    for proxy in &proxies {
+        let retry = proxy.send(delayed(proxy, "dup", 300)).await;
+        assert!(
+            retry.replayed(),
+            "every proxy replays the one stored response"
+        );
+        assert_eq!(retry.body, created[0].body);
+    }
+    assert_eq!(upstream.runs(), 1);
+}
+
+async fn fifty_duplicates_across_two_proxies_run_once_rejecting(kind: Kind) {
+    fifty_duplicates_across_two_proxies_run_once(kind, "reject").await;
+}
+
+async fn fifty_duplicates_across_two_proxies_run_once_waiting(kind: Kind) {
+    fifty_duplicates_across_two_proxies_run_once(kind, "wait").await;
+}
+
 /// A proxy killed with SIGKILL and started again replays what it completed before it died.
 async fn a_restarted_proxy_replays_what_completed_before_it_was_killed(kind: Kind) {
     let store = Store::new(kind);
@@ -399,6 +450,8 @@ macro_rules! shared_store_checks {
 }
 
 shared_store_checks!(
+    fifty_duplicates_across_two_proxies_run_once_rejecting,
+    fifty_duplicates_across_two_proxies_run_once_waiting,
     a_paused_holders_late_result_is_refused,
     store_network_faults_never_hang_or_double_execute,
 );
