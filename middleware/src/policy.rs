@@ -69,8 +69,12 @@ pub struct Policy {
     /// Largest response body kept for replay; a larger one is streamed to the client and the lease
     /// released, so a retry runs again. Default 8 MiB.
     pub max_response_body: usize,
-    /// The `Retry-After` sent with `409` and `503`. Default 1 second.
+    /// The `Retry-After` sent with `409`, `429` and `503`. Default 1 second.
     pub retry_after: Duration,
+    /// Most keyed requests one caller (scope) may have in progress in this process at once;
+    /// more get `429` before their body is read. Bounds what one caller can make the layer
+    /// buffer. `0` means no limit. Default 100.
+    pub max_in_flight_per_caller: usize,
 }
 
 impl Default for Policy {
@@ -90,6 +94,7 @@ impl Default for Policy {
             max_request_body: 1024 * 1024,
             max_response_body: 8 * 1024 * 1024,
             retry_after: Duration::from_secs(1),
+            max_in_flight_per_caller: 100,
         }
     }
 }
@@ -145,6 +150,8 @@ impl Policy {
         with_max_response_body: max_response_body: usize;
         /// Sets [`Policy::retry_after`].
         with_retry_after: retry_after: Duration;
+        /// Sets [`Policy::max_in_flight_per_caller`].
+        with_max_in_flight_per_caller: max_in_flight_per_caller: usize;
     }
 
     /// Checks the values work together: durations are positive and a lease outlives its renewal

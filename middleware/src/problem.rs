@@ -25,6 +25,10 @@
 //! # in-flight
 //! `409`: a request with this key is still running. Retry after `Retry-After` seconds.
 //!
+//! # too-many-in-flight
+//! `429`: this caller already has as many keyed requests in progress as the route allows
+//! (`max_in_flight_per_caller`). Retry after `Retry-After` seconds.
+//!
 //! # store-unavailable
 //! `503`: the idempotency store failed, and the route prefers refusing to running a request twice.
 //! Retry after `Retry-After` seconds.
@@ -62,6 +66,8 @@ pub enum ProblemKind {
     KeyReused,
     /// `409`, see [the module docs](self#in-flight).
     InFlight,
+    /// `429`, see [the module docs](self#too-many-in-flight).
+    TooManyInFlight,
     /// `503`, see [the module docs](self#store-unavailable).
     StoreUnavailable,
     /// `400`, see [the module docs](self#invalid-target).
@@ -82,6 +88,7 @@ impl ProblemKind {
             Self::BodyTooLarge => "body-too-large",
             Self::KeyReused => "key-reused",
             Self::InFlight => "in-flight",
+            Self::TooManyInFlight => "too-many-in-flight",
             Self::StoreUnavailable => "store-unavailable",
             Self::InvalidTarget => "invalid-target",
             Self::UpstreamUnavailable => "upstream-unavailable",
@@ -98,6 +105,7 @@ impl ProblemKind {
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::InFlight => StatusCode::CONFLICT,
+            Self::TooManyInFlight => StatusCode::TOO_MANY_REQUESTS,
             Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -113,6 +121,7 @@ impl ProblemKind {
             Self::BodyTooLarge => "Request body too large",
             Self::KeyReused => "Idempotency key reused for a different request",
             Self::InFlight => "Request with this idempotency key is in progress",
+            Self::TooManyInFlight => "Too many requests in progress",
             Self::StoreUnavailable => "Idempotency store unavailable",
             Self::InvalidTarget => "Request target cannot be forwarded",
             Self::UpstreamUnavailable => "Upstream unavailable",

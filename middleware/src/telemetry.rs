@@ -11,6 +11,7 @@
 //! | `idempotency_leases_in_flight` | gauge | |
 //! | `idempotency_leases_lost_total` | counter | |
 //! | `idempotency_responses_not_stored_total` | counter | `reason`: see [`NotStored`] |
+//! | `idempotency_reaped_records_total` | counter | `backend`: `postgres`, `sqlite` (SQL stores' reapers) |
 
 use std::time::Duration;
 
@@ -92,6 +93,8 @@ pub enum Outcome {
     MissingKey,
     /// `400`: its body could not be read.
     InvalidBody,
+    /// `429`: its caller had `max_in_flight_per_caller` requests in progress.
+    Throttled,
 }
 
 impl Outcome {
@@ -108,6 +111,7 @@ impl Outcome {
             Self::InvalidKey => "invalid_key",
             Self::MissingKey => "missing_key",
             Self::InvalidBody => "invalid_body",
+            Self::Throttled => "throttled",
         }
     }
 }

@@ -699,3 +699,42 @@ async fn a_slow_store_counts_as_an_outage() {
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(app.counters.runs(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_caller_with_too_many_requests_in_progress_gets_429() {
+    let layer = memory().policy(Policy::default().with_max_in_flight_per_caller(2usize));
+    let app = Arc::new(App::start(layer).await);
+    let as_user = |user: &str, key: &str| {
+        app.post("/payments?ms=500", key)
+            .header(AUTHORIZATION, format!("Bearer {user}"))
+            .body("x")
+    };
+    let running: Vec<_> = ["a", "b"]
+        .into_iter()
+        .map(|key| {
+            let app = app.clone();
+            let request = as_user("alice", key);
+            tokio::spawn(async move { app.send(request).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let third = app.send(as_user("alice", "c")).await;
+    assert_eq!(third.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(third.problem_type(), "too-many-in-flight");
+    assert!(third.headers.contains_key("retry-after"));
+    let bob = app.send(as_user("bob", "c")).await;
+    assert_eq!(
+        bob.status,
+        StatusCode::CREATED,
+        "other callers are not held back"
+    );
+    for task in running {
+        assert_eq!(task.await.expect("task").status, StatusCode::CREATED);
+    }
+    let later = app.send(as_user("alice", "c")).await;
+    assert_eq!(
+        later.status,
+        StatusCode::CREATED,
+        "finished requests free their places"
+    );
+}

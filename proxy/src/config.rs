@@ -313,9 +313,12 @@ policy_fields! {
     max_request_body: ByteSize,
     /// Largest response kept for replay; larger ones are streamed and not stored. Default `8MiB`.
     max_response_body: ByteSize,
-    /// `Retry-After` on `409` and `503`. Default `1s`.
+    /// `Retry-After` on `409`, `429` and `503`. Default `1s`.
     #[serde(with = "humantime_serde")]
     retry_after: Duration,
+    /// Most keyed requests one caller (per `scope_headers`) may have in progress in this proxy;
+    /// more get `429`. `0`: no limit. Default `100`.
+    max_in_flight_per_caller: usize,
 }
 
 mod defaults {
@@ -829,6 +832,9 @@ fn policy_from(fields: &PolicyConfig) -> Result<Policy, tower_idempotency::polic
     }
     if let Some(retry_after) = fields.retry_after {
         policy.retry_after = retry_after;
+    }
+    if let Some(limit) = fields.max_in_flight_per_caller {
+        policy.max_in_flight_per_caller = limit;
     }
     policy.validate()?;
     Ok(policy)

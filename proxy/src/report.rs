@@ -112,6 +112,13 @@ fn describe_policy(out: &mut String, policy: &Policy) {
             bytesize::ByteSize(policy.max_response_body as u64).to_string(),
         ),
         ("retry_after", duration(policy.retry_after)),
+        (
+            "max_in_flight",
+            match policy.max_in_flight_per_caller {
+                0 => "unlimited".to_owned(),
+                limit => format!("{limit} per caller"),
+            },
+        ),
     ];
     for (name, value) in rows {
         let _ = writeln!(out, "  {name:<20} {value}");

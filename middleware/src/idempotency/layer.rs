@@ -6,6 +6,7 @@ use http::request::Parts;
 use tower::Layer;
 
 use super::Idempotency;
+use super::callers::Callers;
 use crate::policy::{PathPattern, Policy, Routes};
 use crate::scope::Scope;
 use crate::store::IdempotencyStore;
@@ -37,6 +38,7 @@ pub struct IdempotencyLayer<St> {
 /// Settings shared by every clone of the service.
 pub(crate) struct Shared<St> {
     pub(crate) store: Arc<St>,
+    pub(crate) callers: Arc<Callers>,
     pub(crate) routes: Routes,
     pub(crate) scope: Option<ScopeFn>,
     pub(crate) store_timeout: Duration,
@@ -47,6 +49,7 @@ impl<St> Clone for Shared<St> {
     fn clone(&self) -> Self {
         Self {
             store: self.store.clone(),
+            callers: self.callers.clone(),
             routes: self.routes.clone(),
             scope: self.scope.clone(),
             store_timeout: self.store_timeout,
@@ -85,6 +88,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
         Self {
             shared: Arc::new(Shared {
                 store,
+                callers: Arc::default(),
                 routes: Routes::default(),
                 scope: None,
                 store_timeout: Duration::from_secs(5),

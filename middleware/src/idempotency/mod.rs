@@ -3,6 +3,7 @@
 //! See the [crate docs](crate) for the request lifecycle and the guarantees.
 
 mod body;
+mod callers;
 mod future;
 mod layer;
 mod service;

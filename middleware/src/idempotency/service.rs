@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use tower::Service;
 
 use super::body::{RequestBody, ResponseBody, Streamed};
+use super::callers::CallerPermit;
 use super::future::ResponseFuture;
 use super::layer::Shared;
 use crate::BoxError;
@@ -114,14 +115,8 @@ where
             (Some(_), Some(_)) => Err(KeyError::Repeated),
             (Some(value), None) => parse_key(value),
         };
-        let record_key = match key {
-            Ok(key) => {
-                let scope = match &self.shared.scope {
-                    Some(scope) => scope(&parts),
-                    None => Scope::from_headers(&parts.headers, &policy.scope_headers),
-                };
-                RecordKey::new(&scope, &key)
-            }
+        let key = match key {
+            Ok(key) => key,
             Err(error) => {
                 m::outcome(m::Outcome::InvalidKey);
                 return ResponseFuture::ready(problem(Problem::new(
@@ -129,6 +124,31 @@ where
                     format!("`{}`: {error}", policy.header),
                 )));
             }
+        };
+        let scope = match &self.shared.scope {
+            Some(scope) => scope(&parts),
+            None => Scope::from_headers(&parts.headers, &policy.scope_headers),
+        };
+        let record_key = RecordKey::new(&scope, &key);
+        // Counted before the body is read: the limit bounds what one caller can make us buffer.
+        let permit = match policy.max_in_flight_per_caller {
+            0 => None,
+            limit => match self.shared.callers.admit(scope, limit) {
+                Some(permit) => Some(permit),
+                None => {
+                    m::outcome(m::Outcome::Throttled);
+                    return ResponseFuture::ready(problem(
+                        Problem::new(
+                            ProblemKind::TooManyInFlight,
+                            format!(
+                                "this caller already has {limit} keyed requests in progress; \
+                                 retry when one finishes"
+                            ),
+                        )
+                        .retry_after(policy.retry_after),
+                    ));
+                }
+            },
         };
         // The clone takes the place of the service that was driven to readiness, which goes on
         // to run the request (the usual tower idiom).
@@ -139,6 +159,7 @@ where
             policy: policy.clone(),
             record_key,
             parts,
+            permit,
         };
         ResponseFuture::managed(Box::pin(request.handle(ready, body)))
     }
@@ -154,6 +175,8 @@ struct Keyed<St> {
     policy: Arc<Policy>,
     record_key: RecordKey,
     parts: Parts,
+    /// Holds the caller's place until the request is over, response streamed and stored.
+    permit: Option<CallerPermit>,
 }
 
 impl<St: IdempotencyStore> Keyed<St> {
@@ -321,7 +344,13 @@ impl<St: IdempotencyStore> Keyed<St> {
         ResB::Error: Into<BoxError>,
     {
         let (reply, replied) = oneshot::channel();
-        let lease = Lease::new(self.shared, self.policy, self.record_key, token);
+        let lease = Lease::new(
+            self.shared,
+            self.policy,
+            self.record_key,
+            token,
+            self.permit,
+        );
         let request = Request::from_parts(self.parts, RequestBody::buffered(body));
         let task = tokio::spawn(lease.run(inner, request, reply));
         match replied.await {
@@ -371,6 +400,7 @@ struct Lease<St: IdempotencyStore> {
     key: RecordKey,
     token: LeaseToken,
     settled: bool,
+    _permit: Option<CallerPermit>,
 }
 
 impl<St: IdempotencyStore> Lease<St> {
@@ -379,6 +409,7 @@ impl<St: IdempotencyStore> Lease<St> {
         policy: Arc<Policy>,
         key: RecordKey,
         token: LeaseToken,
+        permit: Option<CallerPermit>,
     ) -> Self {
         m::lease_acquired();
         Self {
@@ -387,6 +418,7 @@ impl<St: IdempotencyStore> Lease<St> {
             key,
             token,
             settled: false,
+            _permit: permit,
         }
     }
 
