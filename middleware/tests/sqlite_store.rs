@@ -81,6 +81,30 @@ mod conformance {
     tower_idempotency::store_conformance_tests!(super::TempStore::new);
 }
 
+mod model_ops;
+
+mod model {
+    use proptest::prelude::*;
+    use tower_idempotency::conformance::check_model;
+
+    proptest! {
+        // SQLite keeps time on its own clock, so every sleep in a sequence is a real 450 ms:
+        // fewer, shorter cases than the memory store's.
+        #![proptest_config(ProptestConfig::with_cases(12))]
+
+        /// Random sequences of begin/complete/release/renew/expiry agree with the contract's
+        /// model on a real database file.
+        #[test]
+        fn the_sqlite_store_follows_the_contract_model(ops in super::model_ops::sequence(24)) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async { check_model(super::TempStore::new().await, &ops).await });
+        }
+    }
+}
+
 fn url(dir: &TempDir) -> String {
     format!("sqlite://{}", dir.path().join("idempotency.db").display())
 }

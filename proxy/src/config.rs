@@ -1177,4 +1177,73 @@ upstream = "http://127.0.0.1:3000"
         assert!(expand("a${}", &env).is_err());
         assert!(expand("a${B-C}", &env).is_err());
     }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        const KEYS: [&str; 12] = [
+            "listen",
+            "upstream",
+            "ttl",
+            "lock_ttl",
+            "methods",
+            "backend",
+            "url",
+            "path",
+            "max_request_body",
+            "on_conflict",
+            "scope_headers",
+            "enabled",
+        ];
+
+        /// Values of every TOML type, including wrong ones for the key they land on.
+        fn value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<i64>().prop_map(|n| n.to_string()),
+                any::<bool>().prop_map(|b| b.to_string()),
+                "[ -~]{0,12}".prop_map(|s| format!("{s:?}")),
+                Just("\"30s\"".to_owned()),
+                Just("\"1MiB\"".to_owned()),
+                Just("[\"POST\", 3]".to_owned()),
+                Just("{ a = 1 }".to_owned()),
+                Just("\"${UNSET}\"".to_owned()),
+            ]
+        }
+
+        fn document() -> impl Strategy<Value = String> {
+            let section = prop_oneof![
+                Just("[proxy]"),
+                Just("[admin]"),
+                Just("[store]"),
+                Just("[idempotency]"),
+                Just("[[route]]"),
+                Just("[other]"),
+            ];
+            let line = (0..KEYS.len(), value()).prop_map(|(k, v)| format!("{} = {v}", KEYS[k]));
+            proptest::collection::vec((section, proptest::collection::vec(line, 0..4)), 0..6)
+                .prop_map(|sections| {
+                    sections
+                        .into_iter()
+                        .map(|(header, lines)| format!("{header}\n{}\n", lines.join("\n")))
+                        .collect()
+                })
+        }
+
+        proptest! {
+            #[test]
+            fn arbitrary_text_never_panics(text in "\\PC{0,200}") {
+                let _ = parse(&text);
+            }
+
+            #[test]
+            fn arbitrary_documents_never_panic_and_errors_point_inside_the_text(text in document()) {
+                if let Err(error) = parse(&text) {
+                    let lines = text.lines().count().max(1);
+                    prop_assert!(error.line().is_none_or(|line| line >= 1 && line <= lines + 1), "{error}");
+                    prop_assert!(!error.to_string().is_empty());
+                }
+            }
+        }
+    }
 }
