@@ -256,9 +256,15 @@ async fn health_readiness_and_metrics() {
     let (_upstream, proxy) = start("").await;
     assert_eq!(proxy.admin_get("/healthz").await.status, StatusCode::OK);
     assert_eq!(proxy.admin_get("/readyz").await.status, StatusCode::OK);
-    proxy.send(proxy.post("/payments", "m").body("x")).await;
-    proxy.send(proxy.post("/payments", "m").body("x")).await;
-    proxy.send(proxy.post("/payments", "m").body("other")).await;
+    let request = |body: &'static str| {
+        proxy
+            .post("/payments", "key-3f9a7c")
+            .header("authorization", "Bearer token-8d2e41")
+            .body(body)
+    };
+    proxy.send(request("x")).await;
+    proxy.send(request("x")).await;
+    proxy.send(request("other")).await;
     let metrics = proxy.admin_get("/metrics").await.text();
     for expected in [
         "idempotency_requests_total{outcome=\"executed\"} 1",
@@ -274,7 +280,12 @@ async fn health_readiness_and_metrics() {
             "missing {expected:?} in:\n{metrics}"
         );
     }
-    assert!(!metrics.contains("\"m\""), "metrics must never carry keys");
+    for secret in ["key-3f9a7c", "token-8d2e41", "3f9a7c", "8d2e41"] {
+        assert!(
+            !metrics.contains(secret),
+            "metrics must never carry keys or scopes"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -439,4 +450,27 @@ fn check_validates_and_prints_the_policy_of_every_route() {
         .output()
         .expect("run --version");
     assert!(String::from_utf8_lossy(&version.stdout).starts_with("idempotency-proxy "));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_header_flood_is_refused_before_it_reaches_the_layer() {
+    let (upstream, proxy) = start("").await;
+    let address = proxy.base.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connect");
+    let mut head = String::from("POST /payments HTTP/1.1\r\nHost: x\r\nIdempotency-Key: flood\r\n");
+    for i in 0..500 {
+        head.push_str(&format!("x-flood-{i}: {}\r\n", "v".repeat(64)));
+    }
+    head.push_str("Content-Length: 0\r\n\r\n");
+    let _ = stream.write_all(head.as_bytes()).await;
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut reply)).await;
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(
+        reply.starts_with("HTTP/1.1 431"),
+        "too many headers must be refused with 431, got: {reply:?}"
+    );
+    assert_eq!(upstream.runs(), 0);
 }

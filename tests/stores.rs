@@ -69,6 +69,62 @@ impl Store {
         self.section_at(None)
     }
 
+    /// Everything the store holds for this test, as text: SQLite's files, the Postgres table (bytes
+    /// rendered with `encode(.., 'escape')`, which keeps printable ASCII as is), the Redis keys
+    /// and values.
+    fn dump(&self) -> String {
+        let run = |program: &str, args: &[&str]| {
+            let output = std::process::Command::new(program)
+                .args(args)
+                .output()
+                .unwrap_or_else(|error| panic!("run {program}: {error}"));
+            assert!(
+                output.status.success(),
+                "{program} {args:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            String::from_utf8_lossy(&output.stdout).into_owned()
+        };
+        match self.kind {
+            Kind::Sqlite => ["idempotency.db", "idempotency.db-wal"]
+                .iter()
+                .filter_map(|file| std::fs::read(self.dir.path().join(file)).ok())
+                .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+                .collect(),
+            Kind::Postgres => run(
+                "psql",
+                &[
+                    &database_url(),
+                    "-Atc",
+                    &format!(
+                        "SELECT encode(key, 'escape'), encode(fingerprint, 'escape'), \
+                         encode(coalesce(response, ''::bytea), 'escape') \
+                         FROM \"{}\".idempotency_records",
+                        self.name
+                    ),
+                ],
+            ),
+            Kind::Redis => {
+                let url = redis_url();
+                let keys = run(
+                    "redis-cli",
+                    &[
+                        "-u",
+                        &url,
+                        "--scan",
+                        "--pattern",
+                        &format!("{}:*", self.name),
+                    ],
+                );
+                let mut dump = keys.clone();
+                for key in keys.lines() {
+                    dump.push_str(&run("redis-cli", &["-u", &url, "GET", key]));
+                }
+                dump
+            }
+        }
+    }
+
     /// Proxies that may share this store at once: one per SQLite file.
     fn processes(&self) -> usize {
         if self.kind == Kind::Sqlite { 1 } else { 2 }
@@ -401,6 +457,37 @@ async fn store_network_faults_never_hang_or_double_execute(kind: Kind) {
     }
 }
 
+/// The store holds digests of keys and credentials, never the values themselves; and one
+/// caller's key never replays to another caller.
+async fn keys_and_credentials_are_stored_only_as_digests(kind: Kind) {
+    let store = Store::new(kind);
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(&config(&upstream.url, &store.section()));
+    let as_caller = |token: &str| {
+        proxy
+            .post("/headers", "key-3f9a7c")
+            .header("authorization", format!("Bearer {token}"))
+            .body("x")
+    };
+    assert!(!proxy.send(as_caller("token-8d2e41")).await.replayed());
+    assert!(proxy.send(as_caller("token-8d2e41")).await.replayed());
+    assert!(
+        !proxy.send(as_caller("token-other")).await.replayed(),
+        "another caller, no replay"
+    );
+    let dump = store.dump();
+    assert!(
+        dump.contains("headers seen"),
+        "the dump shows the stored responses: {dump:?}"
+    );
+    for secret in ["key-3f9a7c", "token-8d2e41", "token-other"] {
+        assert!(
+            !dump.contains(secret),
+            "{secret} is stored in clear: {dump:?}"
+        );
+    }
+}
+
 /// Generates one test per check and store.
 macro_rules! store_checks {
     ($($check:ident),* $(,)?) => {
@@ -426,6 +513,7 @@ macro_rules! store_checks {
 }
 
 store_checks!(
+    keys_and_credentials_are_stored_only_as_digests,
     each_key_runs_once_under_500_concurrent_requests,
     a_restarted_proxy_replays_what_completed_before_it_was_killed,
     a_killed_proxys_lease_is_taken_over_after_lock_ttl,

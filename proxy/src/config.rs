@@ -1118,6 +1118,14 @@ upstream = "http://127.0.0.1:3000"
     }
 
     #[test]
+    fn the_admin_listener_defaults_to_loopback() {
+        let config = parse(&format!("{MINIMAL}\n[admin]\n")).expect("config");
+        let admin = config.admin.expect("admin section");
+        assert!(admin.listen.ip().is_loopback());
+        assert_eq!(admin.listen.port(), 9091);
+    }
+
+    #[test]
     fn upstream_must_be_plain_http() {
         let (key, line, message) =
             error("[proxy]\nlisten = \"127.0.0.1:0\"\nupstream = \"https://api\"\n");
