@@ -298,24 +298,37 @@ async fn an_unreachable_upstream_gets_502_and_a_stalled_one_504() {
     assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
     assert_eq!(reply.problem(), "upstream-unavailable");
 
+    // A refused connection never reached the upstream: the key is free for the retry at once.
+    let retry = refused.send(refused.post("/payments", "r").body("x")).await;
+    assert_eq!(
+        retry.status,
+        StatusCode::BAD_GATEWAY,
+        "released, so the retry tried again"
+    );
+
     let upstream = Upstream::start().await;
     let stalled = Proxy::start(&config_with_proxy(
         &upstream.url,
         "upstream_timeout = \"300ms\"",
-        MEMORY,
+        &format!("{MEMORY}\n[idempotency]\nlock_ttl = \"1s\"\n"),
     ));
-    let reply = stalled
-        .send(stalled.post("/payments?ms=2000", "s").body("x"))
-        .await;
+    let slow = |delay: u64| {
+        stalled
+            .post("/payments", "s")
+            .header("x-delay-ms", delay.to_string())
+            .body("x")
+    };
+    let reply = stalled.send(slow(2000)).await;
     assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(reply.problem(), "upstream-timeout");
-    // A 504 is not stored: once the upstream is fast again the retry runs.
-    assert!(
-        !stalled
-            .send(stalled.post("/payments?ms=2000", "s").body("x"))
-            .await
-            .replayed()
-    );
+    // The upstream may still be charging: a retry must not run alongside it...
+    let early = stalled.send(slow(0)).await;
+    assert_eq!(early.status, StatusCode::CONFLICT, "{early:?}");
+    // ...and once lock_ttl has passed the retry runs (a timeout is never replayed).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let late = stalled.send(slow(0)).await;
+    assert_eq!(late.status, StatusCode::CREATED);
+    assert!(!late.replayed());
 }
 
 #[tokio::test(flavor = "multi_thread")]

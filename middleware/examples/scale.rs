@@ -126,18 +126,10 @@ fn main() {
             pool.close().await;
             let store = Arc::new(store);
             let reaper = store.clone();
-            reap(
-                "sqlite",
-                store,
-                rows,
-                workers,
-                batch,
-                prefill,
-                move || {
-                    let reaper = reaper.clone();
-                    async move { reaper.reap_expired().await.expect("reap") }
-                },
-            )
+            reap("sqlite", store, rows, workers, batch, prefill, move || {
+                let reaper = reaper.clone();
+                async move { reaper.reap_expired().await.expect("reap") }
+            })
             .await;
         }),
         _ => {
@@ -154,7 +146,11 @@ fn main() {
 fn response(body_bytes: usize) -> StoredResponse {
     let mut headers = HeaderMap::new();
     headers.insert("content-type", HeaderValue::from_static("application/json"));
-    StoredResponse::new(StatusCode::CREATED, headers, Bytes::from(vec![b'x'; body_bytes]))
+    StoredResponse::new(
+        StatusCode::CREATED,
+        headers,
+        Bytes::from(vec![b'x'; body_bytes]),
+    )
 }
 
 /// Resident set size in bytes, from /proc/self/statm.

@@ -44,7 +44,8 @@
 //! 7. **Finish.** A response below 500 whose body fits `max_response_body` is stored for `ttl`,
 //!    fenced by the lease token (a holder that lost its lease cannot overwrite the new holder's
 //!    result). Otherwise the lease is released so a retry runs again; the client gets the whole
-//!    response either way, streamed.
+//!    response either way, streamed. A response marked [`OutcomeUnknown`] (an upstream timeout:
+//!    the operation may still be running) keeps the lease until `lock_ttl` instead.
 //! 8. **Store failure.** [`OnStoreError::Reject`] answers `503` (never risk a second execution);
 //!    [`OnStoreError::Forward`] runs the request unprotected.
 //!
@@ -82,7 +83,8 @@ pub mod store;
 pub mod telemetry;
 
 pub use idempotency::{
-    Idempotency, IdempotencyLayer, RequestBody, ResponseBody, ResponseFuture, ScopeFn,
+    Idempotency, IdempotencyLayer, OutcomeUnknown, RequestBody, ResponseBody, ResponseFuture,
+    ScopeFn,
 };
 pub use policy::{OnConflict, OnStoreError, PathPattern, Policy, Routes};
 pub use record::StoredResponse;

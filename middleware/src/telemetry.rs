@@ -130,6 +130,9 @@ pub enum NotStored {
     BodyError,
     /// The inner service returned an error instead of a response.
     InnerError,
+    /// The response was marked [`OutcomeUnknown`](crate::OutcomeUnknown): the lease is kept
+    /// until it expires.
+    OutcomeUnknown,
 }
 
 impl NotStored {
@@ -141,6 +144,7 @@ impl NotStored {
             Self::Trailers => "trailers",
             Self::BodyError => "body_error",
             Self::InnerError => "inner_error",
+            Self::OutcomeUnknown => "outcome_unknown",
         }
     }
 }

@@ -20,7 +20,7 @@ use tower_idempotency::record::StoredResponse;
 use tower_idempotency::store::Subscription;
 use tower_idempotency::{
     Begin, IdempotencyLayer, IdempotencyStore, LeaseToken, MemoryStore, OnConflict, OnStoreError,
-    Policy, RecordKey, Scope, StoreError,
+    OutcomeUnknown, Policy, RecordKey, Scope, StoreError,
 };
 
 #[derive(Clone, Default)]
@@ -81,6 +81,13 @@ async fn stream(State(counters): State<Counters>) -> Body {
     Body::from_stream(stream)
 }
 
+async fn gives_up(State(counters): State<Counters>) -> Response {
+    counters.run();
+    let mut response = StatusCode::GATEWAY_TIMEOUT.into_response();
+    response.extensions_mut().insert(OutcomeUnknown);
+    response
+}
+
 async fn panics(State(counters): State<Counters>) -> StatusCode {
     if counters.run() == 1 {
         panic!("the first run fails");
@@ -96,6 +103,7 @@ fn routes(counters: Counters) -> Router {
         .route("/big", post(big))
         .route("/stream", post(stream))
         .route("/panics", post(panics))
+        .route("/gives-up", post(gives_up))
         .with_state(counters)
 }
 
@@ -737,4 +745,27 @@ async fn a_caller_with_too_many_requests_in_progress_gets_429() {
         StatusCode::CREATED,
         "finished requests free their places"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unknown_outcome_keeps_the_key_locked_until_lock_ttl() {
+    let layer = memory().policy(Policy::default().with_lock_ttl(Duration::from_millis(600)));
+    let app = App::start(layer).await;
+    let first = app.send(app.post("/gives-up", "u")).await;
+    assert_eq!(first.status, StatusCode::GATEWAY_TIMEOUT);
+    let early = app.send(app.post("/gives-up", "u")).await;
+    assert_eq!(
+        early.status,
+        StatusCode::CONFLICT,
+        "not released: it may still be running"
+    );
+    assert_eq!(app.counters.runs(), 1);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let late = app.send(app.post("/gives-up", "u")).await;
+    assert_eq!(
+        late.status,
+        StatusCode::GATEWAY_TIMEOUT,
+        "not stored: it runs again"
+    );
+    assert_eq!(app.counters.runs(), 2);
 }

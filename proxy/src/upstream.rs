@@ -18,9 +18,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower::Service;
-use tower_idempotency::RequestBody;
 use tower_idempotency::headers::remove_hop_by_hop;
 use tower_idempotency::problem::{Problem, ProblemKind};
+use tower_idempotency::{OutcomeUnknown, RequestBody};
 
 use crate::config::ProxyConfig;
 use crate::telemetry;
@@ -110,35 +110,52 @@ impl Upstream {
         };
         let started = Instant::now();
         let outcome = tokio::time::timeout(self.target.timeout, self.client.request(request)).await;
-        let response = match outcome {
+        match outcome {
             Ok(Ok(mut response)) => {
                 telemetry::upstream_call(started.elapsed(), response.status().as_u16());
                 remove_hop_by_hop(response.headers_mut());
-                return response.map(Either::Left);
+                response.map(Either::Left)
             }
             Ok(Err(error)) => {
                 telemetry::upstream_call(started.elapsed(), 502);
                 let cause = error_chain(&error);
                 tracing::warn!(error = %cause, "upstream request failed");
-                Problem::new(
+                let problem = Problem::new(
                     ProblemKind::UpstreamUnavailable,
                     format!("the upstream could not be reached: {cause}"),
-                )
+                );
+                // A failure to connect means the request never left: safe to run again. Any
+                // later failure may have hit after the upstream acted on it.
+                let sent = !error.is_connect();
+                mark_unknown(problem.into_response(problem_body), sent)
             }
             Err(_) => {
                 telemetry::upstream_call(started.elapsed(), 504);
                 tracing::warn!(timeout = ?self.target.timeout, "upstream timed out");
-                Problem::new(
+                let problem = Problem::new(
                     ProblemKind::UpstreamTimeout,
                     format!(
                         "the upstream did not answer within {}",
                         humantime::format_duration(self.target.timeout)
                     ),
-                )
+                );
+                // The upstream may still be working on it.
+                mark_unknown(problem.into_response(problem_body), true)
             }
-        };
-        response.into_response(problem_body)
+        }
     }
+}
+
+/// Marks a failure the upstream may have acted on, so the idempotency layer keeps the key locked
+/// until `lock_ttl` rather than letting a retry run the request again alongside it.
+fn mark_unknown(
+    mut response: Response<UpstreamBody>,
+    maybe_executed: bool,
+) -> Response<UpstreamBody> {
+    if maybe_executed {
+        response.extensions_mut().insert(OutcomeUnknown);
+    }
+    response
 }
 
 impl Target {

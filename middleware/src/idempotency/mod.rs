@@ -11,4 +11,4 @@ mod service;
 pub use body::{RequestBody, ResponseBody};
 pub use future::ResponseFuture;
 pub use layer::{IdempotencyLayer, ScopeFn};
-pub use service::Idempotency;
+pub use service::{Idempotency, OutcomeUnknown};

@@ -30,6 +30,26 @@ use crate::scope::{RecordKey, Scope};
 use crate::store::{Begin, IdempotencyStore, LeaseToken, StoreError};
 use crate::telemetry as m;
 
+/// Marks a response whose operation may or may not have taken effect: the inner service gave up
+/// on it (an upstream timeout, a connection lost after the request was sent) while it may still be
+/// running somewhere.
+///
+/// Put it in the response's extensions. The layer then neither stores the response nor releases
+/// the lease: the lease is left to expire after `lock_ttl`, so a retry neither replays a failure
+/// nor runs the operation a second time alongside the first. A plain `5xx` without the marker
+/// means the operation did not take effect, and releases the lease at once.
+///
+/// ```
+/// use http::{Response, StatusCode};
+/// use tower_idempotency::OutcomeUnknown;
+///
+/// let mut timed_out = Response::new(());
+/// *timed_out.status_mut() = StatusCode::GATEWAY_TIMEOUT;
+/// timed_out.extensions_mut().insert(OutcomeUnknown);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OutcomeUnknown;
+
 /// Frames buffered between the detached task and a slow client before the task waits.
 const STREAM_BUFFER: usize = 16;
 /// Attempts to store a response before giving up on it (the client still gets it).
@@ -462,6 +482,19 @@ impl<St: IdempotencyStore> Lease<St> {
         ResB::Error: Into<BoxError>,
     {
         let (parts, body) = response.into_parts();
+        if parts.extensions.get::<OutcomeUnknown>().is_some() {
+            // The operation may still be running, or may have run: a retry now could run it a
+            // second time alongside. Keep the lease, unrenewed, so retries wait out lock_ttl.
+            m::not_stored(m::NotStored::OutcomeUnknown);
+            tracing::warn!(
+                key = ?self.key,
+                lock_ttl = ?self.policy.lock_ttl,
+                "the outcome of the request is unknown; its key stays locked until lock_ttl passes"
+            );
+            self.settle();
+            let _ = reply.send(Ok(Response::from_parts(parts, ResponseBody::inner(body))));
+            return;
+        }
         if !self.policy.is_storable(parts.status) {
             m::not_stored(m::NotStored::ServerError);
             self.release().await;
