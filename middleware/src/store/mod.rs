@@ -55,11 +55,12 @@ pub use sqlite::{SqliteStore, SqliteStoreBuilder};
 /// Stores compare tokens for equality, but their order carries a promise: a token issued for a
 /// key is larger than every token issued for that key before it while the record exists (a
 /// takeover gets a larger token than the lease it replaces), and larger than the tokens of the
-/// key's earlier, since deleted, records too. Stores keep the second half by deriving new tokens
-/// from a clock (the memory store from a process-wide counter; Redis and PostgreSQL from the
-/// server's microsecond clock, so it holds unless that clock steps back by more than the time
-/// between two records of one key). A stale holder therefore cannot complete, renew or release a
-/// lease that was taken over or re-acquired after it lost its own.
+/// key's earlier, since deleted, records too. Stores keep the second half with a counter that
+/// outlives records (the memory store's process-wide counter, SQLite's counter row, a PostgreSQL
+/// sequence) or a clock (Redis: the server's microsecond clock, so it holds unless that clock
+/// steps back by more than the time between two records of one key). A stale holder therefore
+/// cannot complete, renew or release a lease that was taken over or re-acquired after it lost its
+/// own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct LeaseToken(pub u64);
 
