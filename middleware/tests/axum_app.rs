@@ -769,3 +769,68 @@ async fn an_unknown_outcome_keeps_the_key_locked_until_lock_ttl() {
     );
     assert_eq!(app.counters.runs(), 2);
 }
+
+/// The memory store, but the first `begin` takes 300 ms, as a store that is slow to answer.
+#[derive(Clone, Default)]
+struct SlowFirstBegin {
+    store: MemoryStore,
+    calls: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl IdempotencyStore for SlowFirstBegin {
+    async fn begin(
+        &self,
+        key: &RecordKey,
+        fp: &Fingerprint,
+        lock: Duration,
+    ) -> Result<Begin, StoreError> {
+        if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        self.store.begin(key, fp, lock).await
+    }
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.store.complete(key, token, response, ttl).await
+    }
+    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
+        self.store.release(key, token).await
+    }
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        lock: Duration,
+    ) -> Result<(), StoreError> {
+        self.store.renew(key, token, lock).await
+    }
+    fn subscribe(&self, key: &RecordKey) -> Subscription {
+        self.store.subscribe(key)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_begin_abandoned_by_the_store_timeout_does_not_leave_the_key_locked() {
+    let layer = IdempotencyLayer::new(SlowFirstBegin::default())
+        .store_timeout(Duration::from_millis(100))
+        .policy(Policy::default().with_lock_ttl(Duration::from_secs(600)));
+    let app = App::start(layer).await;
+    let timed_out = app
+        .send(app.post("/payments", "slow-begin").body("x"))
+        .await;
+    assert_eq!(timed_out.status, StatusCode::SERVICE_UNAVAILABLE);
+    // The store still acquired the lease after the layer gave up on the call; the abandoned call
+    // is finished in the background and its lease released, not left for lock_ttl (10 minutes).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let retry = app
+        .send(app.post("/payments", "slow-begin").body("x"))
+        .await;
+    assert_eq!(retry.status, StatusCode::CREATED, "{retry:?}");
+    assert_eq!(app.counters.runs(), 1);
+}

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
 use http::request::Parts;
 use http::{HeaderValue, Request, Response};
 use http_body::{Body, Frame};
@@ -293,15 +294,13 @@ impl<St: IdempotencyStore> Keyed<St> {
         loop {
             // Armed before looking, so a completion between the look and the wait is not missed.
             let completed = subscription.as_ref().map(|s| s.notified());
-            let store = &self.shared.store;
-            let begun = self
-                .shared
-                .timed(m::Operation::Begin, async {
-                    store
-                        .begin(&self.record_key, fingerprint, self.policy.lock_ttl)
-                        .await
-                })
-                .await?;
+            let call = Beginning::new(
+                &self.shared,
+                self.record_key,
+                *fingerprint,
+                self.policy.lock_ttl,
+            );
+            let begun = self.shared.timed(m::Operation::Begin, call).await?;
             match begun {
                 Begin::Acquired { token } => return Ok(Begun::Acquired(token)),
                 Begin::Completed(stored) => {
@@ -385,6 +384,65 @@ impl<St: IdempotencyStore> Keyed<St> {
                 ))),
             },
         }
+    }
+}
+
+/// A `begin` call that finishes even if abandoned. When the client goes away or the store timeout
+/// fires mid-call, the store may still carry the call out; dropped, this finishes it in the
+/// background and releases a lease it acquired, instead of leaving the key locked for `lock_ttl`
+/// by a lease nobody will use.
+struct Beginning<St: IdempotencyStore> {
+    call: Option<BoxFuture<'static, Result<Begin, StoreError>>>,
+    shared: Arc<Shared<St>>,
+    key: RecordKey,
+}
+
+impl<St: IdempotencyStore> Beginning<St> {
+    fn new(
+        shared: &Arc<Shared<St>>,
+        key: RecordKey,
+        fingerprint: Fingerprint,
+        lock_ttl: Duration,
+    ) -> Self {
+        let store = shared.store.clone();
+        Self {
+            call: Some(Box::pin(async move {
+                store.begin(&key, &fingerprint, lock_ttl).await
+            })),
+            shared: shared.clone(),
+            key,
+        }
+    }
+}
+
+impl<St: IdempotencyStore> Future for Beginning<St> {
+    type Output = Result<Begin, StoreError>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(call) = self.call.as_mut() else {
+            return Poll::Pending;
+        };
+        let begun = std::task::ready!(call.as_mut().poll(cx));
+        self.call = None;
+        Poll::Ready(begun)
+    }
+}
+
+impl<St: IdempotencyStore> Drop for Beginning<St> {
+    fn drop(&mut self) {
+        let Some(call) = self.call.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (shared, key) = (self.shared.clone(), self.key);
+        runtime.spawn(async move {
+            if let Ok(Begin::Acquired { token }) = call.await {
+                let store = &shared.store;
+                let _ = shared
+                    .timed(m::Operation::Release, store.release(&key, token))
+                    .await;
+            }
+        });
     }
 }
 
