@@ -770,7 +770,8 @@ async fn an_unknown_outcome_keeps_the_key_locked_until_lock_ttl() {
     assert_eq!(app.counters.runs(), 2);
 }
 
-/// The memory store, but the first `begin` takes 300 ms, as a store that is slow to answer.
+/// The memory store, but the answer to the first `begin` takes 300 ms to arrive: the store has
+/// acted, and the reply is slow, as with a stalled network.
 #[derive(Clone, Default)]
 struct SlowFirstBegin {
     store: MemoryStore,
@@ -785,10 +786,11 @@ impl IdempotencyStore for SlowFirstBegin {
         fp: &Fingerprint,
         lock: Duration,
     ) -> Result<Begin, StoreError> {
+        let begun = self.store.begin(key, fp, lock).await;
         if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
-        self.store.begin(key, fp, lock).await
+        begun
     }
     async fn complete(
         &self,
