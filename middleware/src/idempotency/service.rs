@@ -1,6 +1,5 @@
 use std::fmt;
 use std::future::Future;
-use std::pin::pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -12,7 +11,7 @@ use http::request::Parts;
 use http::{HeaderValue, Request, Response};
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tower::Service;
 
@@ -346,8 +345,9 @@ impl<St: IdempotencyStore> Keyed<St> {
         }
     }
 
-    /// Runs the request under the lease on a task of its own, so that a client that goes away
-    /// does not cancel it: the response is still stored for the retry.
+    /// Runs the request under the lease. It runs in the client's task, but a client that goes
+    /// away does not cancel it: the unfinished work moves to a task of its own, and the response
+    /// is still stored for the retry.
     async fn execute<S, ReqB, ResB>(
         self,
         inner: S,
@@ -362,7 +362,6 @@ impl<St: IdempotencyStore> Keyed<St> {
         ResB: Body<Data = Bytes> + Send + 'static,
         ResB::Error: Into<BoxError>,
     {
-        let (reply, replied) = oneshot::channel();
         let lease = Lease::new(
             self.shared,
             self.policy,
@@ -371,18 +370,60 @@ impl<St: IdempotencyStore> Keyed<St> {
             self.permit,
         );
         let request = Request::from_parts(self.parts, RequestBody::buffered(body));
-        let task = tokio::spawn(lease.run(inner, request, reply));
-        match replied.await {
-            Ok(reply) => reply,
-            // The task ended without replying: it panicked (the inner service did), or the
-            // runtime is shutting down. The lease was released by its guard either way.
-            Err(_) => match task.await {
-                Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-                _ => Ok(problem(Problem::new(
-                    ProblemKind::StoreUnavailable,
-                    "the request was cancelled before it produced a response",
-                ))),
-            },
+        Detached::new(lease.run(inner, request)).await
+    }
+}
+
+/// A future that finishes even if its caller stops waiting: dropped before completion, it moves
+/// to a task of its own. Running in the caller's task until then spares every request a spawn and
+/// a cross-thread wake-up, which is most of what a detached task would cost.
+struct Detached<F: Future + Send + 'static>
+where
+    F::Output: Send,
+{
+    future: Option<std::pin::Pin<Box<F>>>,
+}
+
+impl<F: Future + Send + 'static> Detached<F>
+where
+    F::Output: Send,
+{
+    fn new(future: F) -> Self {
+        Self {
+            future: Some(Box::pin(future)),
+        }
+    }
+}
+
+impl<F: Future + Send + 'static> Future for Detached<F>
+where
+    F::Output: Send,
+{
+    type Output = F::Output;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let Some(future) = self.future.as_mut() else {
+            return Poll::Pending;
+        };
+        let output = std::task::ready!(future.as_mut().poll(cx));
+        self.future = None;
+        Poll::Ready(output)
+    }
+}
+
+impl<F: Future + Send + 'static> Drop for Detached<F>
+where
+    F::Output: Send,
+{
+    fn drop(&mut self) {
+        // A future that panicked must not be polled again; its lease guard releases the lease.
+        if std::thread::panicking() {
+            return;
+        }
+        if let (Some(future), Ok(runtime)) =
+            (self.future.take(), tokio::runtime::Handle::try_current())
+        {
+            runtime.spawn(future);
         }
     }
 }
@@ -468,8 +509,6 @@ impl<St: IdempotencyStore> Shared<St> {
     }
 }
 
-type Reply<ResB, E> = oneshot::Sender<Result<Response<ResponseBody<ResB>>, E>>;
-
 /// A held lease. Dropped without being settled (a panic in the inner service, a cancelled task),
 /// it releases itself so that the key is free for a retry at once rather than after `lock_ttl`.
 struct Lease<St: IdempotencyStore> {
@@ -504,37 +543,41 @@ impl<St: IdempotencyStore> Lease<St> {
         mut self,
         mut inner: S,
         request: Request<RequestBody<ReqB>>,
-        reply: Reply<ResB, S::Error>,
-    ) where
+    ) -> Result<Response<ResponseBody<ResB>>, S::Error>
+    where
         S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
         ResB: Body<Data = Bytes> + Send + 'static,
         ResB::Error: Into<BoxError>,
     {
-        let renewal = renew_until_dropped(
-            self.shared.clone(),
-            self.key,
-            self.token,
-            self.policy.clone(),
-        );
+        let renewal = self.renewal();
         let work = async {
             match inner.call(request).await {
-                Ok(response) => self.deliver(response, reply).await,
+                Ok(response) => Ok(self.deliver(response).await),
                 Err(error) => {
                     m::not_stored(m::NotStored::InnerError);
                     self.release().await;
-                    let _ = reply.send(Err(error));
+                    Err(error)
                 }
             }
         };
         // Renewal never finishes on its own: this ends when the work does, and drops it.
         tokio::select! {
-            () = work => {}
-            () = renewal => {}
+            done = work => done,
+            never = renewal => match never {},
         }
     }
 
-    /// Sends the response to the client while keeping a copy to store.
-    async fn deliver<ResB, E>(&mut self, response: Response<ResB>, reply: Reply<ResB, E>)
+    fn renewal(&self) -> impl Future<Output = std::convert::Infallible> + Send + 'static {
+        renew_until_dropped(
+            self.shared.clone(),
+            self.key,
+            self.token,
+            self.policy.clone(),
+        )
+    }
+
+    /// Hands the response on while keeping a copy to store.
+    async fn deliver<ResB>(&mut self, response: Response<ResB>) -> Response<ResponseBody<ResB>>
     where
         ResB: Body<Data = Bytes> + Send + 'static,
         ResB::Error: Into<BoxError>,
@@ -550,17 +593,15 @@ impl<St: IdempotencyStore> Lease<St> {
                 "the outcome of the request is unknown; its key stays locked until lock_ttl passes"
             );
             self.settle();
-            let _ = reply.send(Ok(Response::from_parts(parts, ResponseBody::inner(body))));
-            return;
+            return Response::from_parts(parts, ResponseBody::inner(body));
         }
         if !self.policy.is_storable(parts.status) {
             m::not_stored(m::NotStored::ServerError);
             self.release().await;
-            let _ = reply.send(Ok(Response::from_parts(parts, ResponseBody::inner(body))));
-            return;
+            return Response::from_parts(parts, ResponseBody::inner(body));
         }
         let size_hint = body.size_hint();
-        let mut body = pin!(body);
+        let mut body = Box::pin(body);
         let mut copy = Copy::new(self.policy.max_response_body);
 
         // Most handlers produce their whole body at once: take what is ready without waiting,
@@ -582,54 +623,36 @@ impl<St: IdempotencyStore> Lease<St> {
         if matches!(end, Some(Streamed::End)) && copy.storable {
             let whole = copy.whole();
             self.complete(&parts, whole.clone()).await;
-            let _ = reply.send(Ok(Response::from_parts(parts, ResponseBody::full(whole))));
-            return;
+            return Response::from_parts(parts, ResponseBody::full(whole));
         }
 
-        // Otherwise the body streams through a channel. We keep reading even if the client goes
-        // away, so that the response is still stored.
+        // Otherwise the rest of the body streams through a channel from a task of its own, which
+        // keeps reading even if the client goes away, so that the response is still stored.
         let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
-        let head = parts.clone();
-        let streamed = ResponseBody::streamed(receiver, size_hint);
-        let mut client = ClientStream {
-            sender: reply
-                .send(Ok(Response::from_parts(parts, streamed)))
-                .is_ok()
-                .then_some(sender),
-            held: None,
+        let stream = Stream {
+            lease: self.take(),
+            head: parts.clone(),
+            body,
+            copy,
+            ready,
+            end,
         };
-        for message in ready {
-            client.push(message).await;
-        }
-        let mut end = end;
-        while end.is_none() {
-            if !copy.storable {
-                self.release().await;
-                if client.is_gone() {
-                    // Nobody will read the rest and it will not be stored: stop reading it.
-                    return;
-                }
-            }
-            // The body's own error type need not be `Send`: convert it before any await.
-            let next = body.frame().await.map(|frame| frame.map_err(Into::into));
-            match next {
-                Some(Ok(frame)) => client.push(copy.keep(frame)).await,
-                Some(Err(error)) => {
-                    copy.refuse(m::NotStored::BodyError);
-                    end = Some(Streamed::Error(error));
-                }
-                None => end = Some(Streamed::End),
-            }
-        }
-        if copy.storable {
-            self.complete(&head, copy.whole()).await;
-        } else {
-            self.release().await;
-        }
-        if let Some(end) = end {
-            client.push(end).await;
-        }
-        client.flush().await;
+        tokio::spawn(stream.run(sender));
+        Response::from_parts(parts, ResponseBody::streamed(receiver, size_hint))
+    }
+
+    /// Moves the lease out, leaving a settled husk whose drop does nothing.
+    fn take(&mut self) -> Self {
+        let taken = Self {
+            shared: self.shared.clone(),
+            policy: self.policy.clone(),
+            key: self.key,
+            token: self.token,
+            settled: self.settled,
+            _permit: self._permit.take(),
+        };
+        self.settled = true;
+        taken
     }
 
     /// Stores the response, retrying a failing store briefly: giving up means a retry after the
@@ -718,6 +741,77 @@ impl<St: IdempotencyStore> Lease<St> {
     }
 }
 
+/// The rest of a response body that was not ready at once: teed to the client and the store.
+struct Stream<St: IdempotencyStore, B> {
+    lease: Lease<St>,
+    head: http::response::Parts,
+    body: std::pin::Pin<Box<B>>,
+    copy: Copy,
+    /// Frames read before streaming began, not yet sent on.
+    ready: Vec<Streamed>,
+    /// How the body ended, if it already has.
+    end: Option<Streamed>,
+}
+
+impl<St, B> Stream<St, B>
+where
+    St: IdempotencyStore,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    async fn run(mut self, sender: mpsc::Sender<Streamed>) {
+        let renewal = self.lease.renewal();
+        tokio::select! {
+            () = self.tee(sender) => {}
+            never = renewal => match never {},
+        }
+    }
+
+    async fn tee(&mut self, sender: mpsc::Sender<Streamed>) {
+        let mut client = ClientStream {
+            sender: Some(sender),
+            held: None,
+        };
+        for message in std::mem::take(&mut self.ready) {
+            client.push(message).await;
+        }
+        let mut end = self.end.take();
+        while end.is_none() {
+            if !self.copy.storable {
+                self.lease.release().await;
+                if client.is_gone() {
+                    // Nobody will read the rest and it will not be stored: stop reading it.
+                    return;
+                }
+            }
+            // The body's own error type need not be `Send`: convert it before any await.
+            let next = self
+                .body
+                .frame()
+                .await
+                .map(|frame| frame.map_err(Into::into));
+            match next {
+                Some(Ok(frame)) => client.push(self.copy.keep(frame)).await,
+                Some(Err(error)) => {
+                    self.copy.refuse(m::NotStored::BodyError);
+                    end = Some(Streamed::Error(error));
+                }
+                None => end = Some(Streamed::End),
+            }
+        }
+        if self.copy.storable {
+            let whole = self.copy.whole();
+            self.lease.complete(&self.head, whole).await;
+        } else {
+            self.lease.release().await;
+        }
+        if let Some(end) = end {
+            client.push(end).await;
+        }
+        client.flush().await;
+    }
+}
+
 impl<St: IdempotencyStore> Drop for Lease<St> {
     fn drop(&mut self) {
         if self.settled {
@@ -742,7 +836,7 @@ async fn renew_until_dropped<St: IdempotencyStore>(
     key: RecordKey,
     token: LeaseToken,
     policy: Arc<Policy>,
-) {
+) -> std::convert::Infallible {
     let every = policy.renew_every().max(Duration::from_millis(10));
     let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -760,7 +854,7 @@ async fn renew_until_dropped<St: IdempotencyStore>(
             Err(StoreError::LeaseLost) => {
                 m::lease_lost();
                 tracing::warn!(?key, "lease lost while the request was running");
-                std::future::pending::<()>().await;
+                return std::future::pending().await;
             }
             Err(error) => tracing::warn!(%error, "renewing a lease failed; will try again"),
         }
