@@ -109,6 +109,7 @@ macro_rules! __conformance_checks {
             a_settled_lease_cannot_be_used_again,
             subscribers_are_woken_by_complete,
             subscribers_are_woken_by_release,
+            watch_tells_whether_a_key_is_still_in_flight,
             keys_are_independent,
             large_responses_round_trip,
             many_keys_complete_and_replay_concurrently
@@ -431,6 +432,10 @@ pub async fn subscribers_are_woken_by_complete(store: impl IdempotencyStore) {
     let subscription = store.subscribe(&key);
     let woken = subscription.notified();
     assert_eq!(begin(&*store, &key, 1).await, Begin::InFlight);
+    assert!(
+        store.watch(&key).await.expect("watch"),
+        "the key is in flight"
+    );
     let completer = store.clone();
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -459,6 +464,11 @@ pub async fn subscribers_are_woken_by_release(store: impl IdempotencyStore) {
     let token = acquire(&*store, &key, 1, LONG).await;
     let subscription = store.subscribe(&key);
     let woken = subscription.notified();
+    assert_eq!(begin(&*store, &key, 1).await, Begin::InFlight);
+    assert!(
+        store.watch(&key).await.expect("watch"),
+        "the key is in flight"
+    );
     let releaser = store.clone();
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -467,6 +477,34 @@ pub async fn subscribers_are_woken_by_release(store: impl IdempotencyStore) {
     tokio::time::timeout(NOTIFY_WITHIN, woken)
         .await
         .expect("release must wake the subscriber");
+}
+
+/// `watch` answers `true` for an in-flight key (stores that notify in process alone may always
+/// answer `true`); for one that completed or was released, a store that tracks watchers says
+/// `false`, so the waiter looks again at once instead of waiting for a notification that already
+/// went out.
+pub async fn watch_tells_whether_a_key_is_still_in_flight(store: impl IdempotencyStore) {
+    let key = key("watch");
+    let token = acquire(&store, &key, 1, LONG).await;
+    assert!(store.watch(&key).await.expect("watch"));
+    assert!(
+        store.watch(&key).await.expect("watch twice"),
+        "watching twice is harmless"
+    );
+    store
+        .complete(&key, token, &response(b"x"), LONG)
+        .await
+        .expect("complete after watch");
+    assert_eq!(
+        begin(&store, &key, 1).await,
+        Begin::Completed(response(b"x"))
+    );
+    // Either answer is allowed once it completed; what matters is that neither call fails.
+    store.watch(&key).await.expect("watch a completed key");
+    store
+        .watch(&self::key("watch-free"))
+        .await
+        .expect("watch a free key");
 }
 
 /// Work on one key leaves every other key alone.

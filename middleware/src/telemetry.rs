@@ -6,7 +6,7 @@
 //! | name | kind | labels |
 //! |---|---|---|
 //! | `idempotency_requests_total` | counter | `outcome`: see [`Outcome`] |
-//! | `idempotency_store_duration_seconds` | histogram | `operation`: `begin`, `complete`, `release`, `renew` |
+//! | `idempotency_store_duration_seconds` | histogram | `operation`: `begin`, `complete`, `release`, `renew`, `watch` |
 //! | `idempotency_store_errors_total` | counter | `operation` |
 //! | `idempotency_leases_in_flight` | gauge | |
 //! | `idempotency_leases_lost_total` | counter | |
@@ -156,6 +156,7 @@ pub(crate) enum Operation {
     Complete,
     Release,
     Renew,
+    Watch,
 }
 
 impl Operation {
@@ -165,6 +166,7 @@ impl Operation {
             Self::Complete => "complete",
             Self::Release => "release",
             Self::Renew => "renew",
+            Self::Watch => "watch",
         }
     }
 }

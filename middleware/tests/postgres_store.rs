@@ -271,6 +271,7 @@ async fn completion_and_release_in_one_process_wake_waiters_in_another() {
         b.begin(&completed, &fingerprint(1), LONG).await.unwrap(),
         Begin::InFlight
     );
+    assert!(b.watch(&completed).await.expect("watch"));
     a.complete(
         &completed,
         tower_idempotency::LeaseToken(token),
@@ -291,6 +292,7 @@ async fn completion_and_release_in_one_process_wake_waiters_in_another() {
     let token = acquire(&a, &released, LONG).await;
     let subscription = b.subscribe(&released);
     let woken = subscription.notified();
+    assert!(b.watch(&released).await.expect("watch"));
     a.release(&released, tower_idempotency::LeaseToken(token))
         .await
         .expect("release");
@@ -309,6 +311,7 @@ async fn completion_and_release_in_one_process_wake_waiters_in_another() {
     let token = acquire(&other_table, &shared_name, LONG).await;
     let subscription = b.subscribe(&shared_name);
     let woken = subscription.notified();
+    assert!(other_table.watch(&shared_name).await.expect("watch"));
     other_table
         .complete(
             &shared_name,
@@ -375,6 +378,7 @@ async fn the_listener_reconnects_and_wakes_waiters_after_losing_its_connection()
     let token = acquire(&a, &after, LONG).await;
     let subscription = b.subscribe(&after);
     let woken = subscription.notified();
+    assert!(b.watch(&after).await.expect("watch"));
     a.complete(
         &after,
         tower_idempotency::LeaseToken(token),
@@ -591,7 +595,7 @@ async fn migrating_twice_or_concurrently_is_harmless() {
     .fetch_all(&mut conn)
     .await
     .expect("read the bookkeeping table");
-    assert_eq!(applied, [(1, true)]);
+    assert_eq!(applied, [(1, true), (2, true)]);
     // The store works on the migrated table.
     complete(&stores[1], "after-migrations", LONG).await;
 

@@ -119,6 +119,7 @@ async fn the_store_contract_holds_on_a_three_master_cluster() {
         let key = keys[0];
         let subscription = waiter.subscribe(&key);
         let woken = subscription.notified();
+        assert!(waiter.watch(&key).await.expect("watch"));
         worker
             .complete(&key, tokens[&key], &response("done"), LONG)
             .await

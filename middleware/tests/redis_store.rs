@@ -266,6 +266,7 @@ async fn completions_in_another_instance_wake_subscribers() {
             .unwrap(),
         Begin::InFlight
     );
+    assert!(waiter.watch(&completed).await.expect("watch"));
     worker
         .complete(&completed, token, &response(b"done"), LONG)
         .await
@@ -285,10 +286,50 @@ async fn completions_in_another_instance_wake_subscribers() {
     let token = acquire(&worker, &released, 1, LONG).await;
     let subscription = waiter.subscribe(&released);
     let woken = subscription.notified();
+    assert!(waiter.watch(&released).await.expect("watch"));
     worker.release(&released, token).await.expect("release");
     tokio::time::timeout(NOTIFY_WITHIN, woken)
         .await
         .expect("a release in another instance must wake the waiter");
+}
+
+/// A completion nobody watches is not published: requests nobody waits for cost no message.
+#[tokio::test]
+async fn only_watched_completions_are_published() {
+    let url = redis_url();
+    let prefix = unique_prefix("unwatched");
+    let store = store_at(&url, &prefix).await;
+    let client = redis::Client::open(url.as_str()).expect("client");
+    let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
+    pubsub
+        .subscribe(format!("{prefix}:completed"))
+        .await
+        .expect("subscribe");
+    let mut messages = pubsub.on_message();
+
+    let quiet = key("unwatched");
+    let token = acquire(&store, &quiet, 1, LONG).await;
+    store
+        .complete(&quiet, token, &response(b"x"), LONG)
+        .await
+        .expect("complete");
+    let watched = key("watched");
+    let token = acquire(&store, &watched, 1, LONG).await;
+    assert!(store.watch(&watched).await.expect("watch"));
+    store
+        .complete(&watched, token, &response(b"x"), LONG)
+        .await
+        .expect("complete");
+
+    let message = tokio::time::timeout(NOTIFY_WITHIN, messages.next())
+        .await
+        .expect("a message")
+        .expect("a message");
+    assert_eq!(
+        message.get_payload_bytes(),
+        watched.to_hex().as_bytes(),
+        "the first message is the watched key's: the unwatched completion sent none"
+    );
 }
 
 /// After its connection is killed the subscriber comes back, wakes every waiter once (it may have

@@ -324,6 +324,15 @@ impl<St: IdempotencyStore> Keyed<St> {
                 Begin::InFlight => {
                     let now = Instant::now();
                     if let Some(completed) = completed.filter(|_| now < deadline) {
+                        let store = &self.shared.store;
+                        let watched = self
+                            .shared
+                            .timed(m::Operation::Watch, store.watch(&self.record_key))
+                            .await;
+                        if matches!(watched, Ok(false)) {
+                            // Completed or released between the two calls: look again now.
+                            continue;
+                        }
                         // Polling too finds a lease whose holder died and has since expired.
                         let nap = (deadline - now).min(self.shared.poll_interval);
                         let _woken = tokio::time::timeout(nap, completed).await;

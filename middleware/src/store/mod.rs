@@ -136,8 +136,9 @@ impl StoreError {
 ///   `ttl` after completion; with another fingerprint it returns `Mismatch`. After `ttl` the record
 ///   is gone and `begin` acquires afresh.
 /// * **Release.** After `release`, the key is free: the next `begin` acquires.
-/// * **Notification.** `complete` and `release` wake every [`Subscription`] of the key, in this
-///   process and (for shared stores) in every other process using the store, usually within
+/// * **Notification.** `complete` and `release` wake every [`Subscription`] of the key in this
+///   process, and (for shared stores) those in every other process that has since called
+///   [`watch`](IdempotencyStore::watch) on the key while it was in flight, usually within
 ///   milliseconds. A subscription is armed from the moment [`Subscription::notified`] returns, so
 ///   the sequence *arm, begin, await* never misses a completion that happens after `begin`.
 ///   Wake-ups may be spurious (a shared store's listener that reconnected wakes everyone, since
@@ -177,6 +178,17 @@ pub trait IdempotencyStore: Send + Sync + 'static {
 
     /// Registers interest in the next completion or release of `key`.
     fn subscribe(&self, key: &RecordKey) -> Subscription;
+
+    /// Tells the store that a request of this process waits for the in-flight `key`: a shared
+    /// store then publishes its completion or release to other processes (stores publish only for
+    /// watched keys, so that requests nobody waits for cost no notification). Returns whether the
+    /// key is still in flight; `false` means look again at once.
+    ///
+    /// The default, for stores that notify within one process, does nothing and returns `true`.
+    async fn watch(&self, key: &RecordKey) -> Result<bool, StoreError> {
+        let _ = key;
+        Ok(true)
+    }
 
     /// Checks that the store can be reached (for readiness probes).
     async fn ping(&self) -> Result<(), StoreError> {
@@ -222,6 +234,10 @@ macro_rules! forward_store_impl {
 
             fn subscribe(&self, key: &RecordKey) -> Subscription {
                 (**self).subscribe(key)
+            }
+
+            async fn watch(&self, key: &RecordKey) -> Result<bool, StoreError> {
+                (**self).watch(key).await
             }
 
             async fn ping(&self) -> Result<(), StoreError> {
@@ -295,6 +311,10 @@ impl IdempotencyStore for DynStore {
 
     fn subscribe(&self, key: &RecordKey) -> Subscription {
         self.0.subscribe(key)
+    }
+
+    async fn watch(&self, key: &RecordKey) -> Result<bool, StoreError> {
+        self.0.watch(key).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -148,9 +148,11 @@ const LISTENER_TIMEOUT: Duration = Duration::from_secs(10);
 ///
 /// # Notifications
 ///
-/// `complete` and `release` call `pg_notify(channel, hex(key))` in the same statement (a CTE), so
-/// waking waiters costs no extra round trip, and the notification is sent if and only if the
-/// change commits. The channel is derived from the schema and table names
+/// A request that waits for an in-flight key (`on_conflict = "wait"`) calls `watch`, which sets
+/// the row's `watched` flag. `complete` and `release` call `pg_notify(channel, hex(key))` in the
+/// same statement (a CTE) when the row is watched, so waking waiters costs no extra round trip,
+/// the notification is sent if and only if the change commits, and the common case, a request
+/// nobody waits for, sends none: `NOTIFY` stays off the hot path. The channel is derived from the schema and table names
 /// ([`PostgresStore::channel`]), so stores on different tables do not wake each other. Each
 /// store holds one extra connection that `LISTEN`s on it and hands every notification to its
 /// [`CompletionNotifier`], whatever the number of waiters (it shows in `pg_stat_activity` with
@@ -160,8 +162,8 @@ const LISTENER_TIMEOUT: Duration = Duration::from_secs(10);
 /// in the same process are also woken directly, without waiting for the round trip through the
 /// server.
 ///
-/// `NOTIFY` serializes committing transactions on a global queue lock: at many thousands of
-/// completions per second that lock, not the table, becomes the limit.
+/// `NOTIFY` serializes committing transactions on a global queue lock; sending it only for watched
+/// rows keeps that lock out of ordinary traffic.
 ///
 /// # Reaper
 ///
@@ -213,6 +215,7 @@ struct Statements {
     complete: SqlStr,
     renew: SqlStr,
     release: SqlStr,
+    watch: SqlStr,
     reap: SqlStr,
 }
 
@@ -250,9 +253,12 @@ impl Statements {
                      UPDATE {t} \
                      SET response = $3, expires_at = now() + $4 * interval '1 microsecond' \
                      WHERE key = $1 AND token = $2 AND response IS NULL \
-                     RETURNING key \
+                     RETURNING key, watched \
                  ) \
-                 SELECT 1 FROM completed, pg_notify($5, encode(completed.key, 'hex'))"
+                 SELECT CASE WHEN watched \
+                             THEN (SELECT 1 FROM pg_notify($5, encode(completed.key, 'hex'))) \
+                             ELSE 1 END \
+                 FROM completed"
             )),
             renew: sql(format!(
                 "UPDATE {t} SET expires_at = now() + $3 * interval '1 microsecond' \
@@ -262,9 +268,24 @@ impl Statements {
                 "WITH released AS ( \
                      DELETE FROM {t} \
                      WHERE key = $1 AND token = $2 AND response IS NULL \
-                     RETURNING key \
+                     RETURNING key, watched \
                  ) \
-                 SELECT 1 FROM released, pg_notify($3, encode(released.key, 'hex'))"
+                 SELECT CASE WHEN watched \
+                             THEN (SELECT 1 FROM pg_notify($3, encode(released.key, 'hex'))) \
+                             ELSE 1 END \
+                 FROM released"
+            )),
+            // Marks the lease waited for; true while the key is in flight. The second EXISTS
+            // reads the statement's snapshot, so it also sees a row that was already marked.
+            watch: sql(format!(
+                "WITH marked AS ( \
+                     UPDATE {t} SET watched = true \
+                     WHERE key = $1 AND response IS NULL AND expires_at > now() AND NOT watched \
+                     RETURNING 1 \
+                 ) \
+                 SELECT EXISTS (SELECT FROM marked) \
+                     OR EXISTS (SELECT FROM {t} \
+                                WHERE key = $1 AND response IS NULL AND expires_at > now())"
             )),
             // No `expires_at` re-check in the outer DELETE: the rows are locked by the subquery
             // and cannot change before the DELETE, and without it the planner uses a TID scan
@@ -628,6 +649,14 @@ impl IdempotencyStore for PostgresStore {
 
     fn subscribe(&self, key: &RecordKey) -> Subscription {
         self.inner.notifier.subscribe(key)
+    }
+
+    async fn watch(&self, key: &RecordKey) -> Result<bool, StoreError> {
+        sqlx::query_scalar(self.inner.statements.watch.clone())
+            .bind(&key.as_bytes()[..])
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(StoreError::backend)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -9,7 +9,8 @@
 -- {4, value} completed with the same fingerprint (the whole value: the client drops the header),
 -- {0, header} the stored header is not one this script understands (the client says why).
 --
--- Value layout (see mod.rs): version u8 = 1, state u8 (1 in flight, 2 completed),
+-- Value layout (see mod.rs): version u8 = 1, state u8 (1 in flight, 2 completed, 3 in flight
+-- and watched),
 -- fingerprint [32], token u64 BE, lease deadline u64 BE (server microseconds), then the response.
 local key = KEYS[1]
 local fingerprint = ARGV[1]
@@ -23,6 +24,7 @@ end
 local time = redis.call('TIME')
 local now_us = tonumber(time[1]) * 1000000 + tonumber(time[2])
 local token = now_us
+local new_state = 1
 
 -- Only the fixed-size header is read first, so an in-flight or mismatched answer never copies a
 -- stored response. GETRANGE of a missing key is the empty string.
@@ -32,6 +34,7 @@ if header ~= '' then
     return {0, header}
   end
   local state = string.byte(header, 2)
+  -- State 3 is "in flight, and a process waits for it" (see watch.lua).
   local same = string.sub(header, 3, 34) == fingerprint
   if state == 2 then
     -- A completed record lives exactly as long as its key: Redis never returns an expired key.
@@ -39,7 +42,7 @@ if header ~= '' then
       return {4, redis.call('GET', key)}
     end
     return {3}
-  elseif state ~= 1 then
+  elseif state ~= 1 and state ~= 3 then
     return {0, header}
   end
   local held, lease_until = struct.unpack('>I8I8', header, 35)
@@ -54,9 +57,11 @@ if header ~= '' then
   if held >= token then
     token = held + 1
   end
+  -- Whoever waited for the lapsed lease waits for the takeover now.
+  new_state = state
 end
 
 redis.call('SET', key,
-  string.char(1, 1) .. fingerprint .. struct.pack('>I8I8', token, now_us + lease_ms * 1000),
+  string.char(1, new_state) .. fingerprint .. struct.pack('>I8I8', token, now_us + lease_ms * 1000),
   'PX', key_ttl_ms)
 return {1, token}

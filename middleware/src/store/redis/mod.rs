@@ -46,6 +46,7 @@ static BEGIN: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("begi
 static COMPLETE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("complete.lua")));
 static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("renew.lua")));
 static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("release.lua")));
+static WATCH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("watch.lua")));
 
 /// A store in Redis or Redis Cluster, shared by every process that connects to it with the same
 /// key prefix.
@@ -91,7 +92,7 @@ static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("re
 /// ```text
 /// offset size
 ///  0      1   layout version = 1
-///  1      1   state: 1 = in flight, 2 = completed
+///  1      1   state: 1 = in flight, 3 = in flight and watched, 2 = completed
 ///  2     32   request fingerprint
 /// 34      8   lease token, u64 big-endian
 /// 42      8   lease deadline, microseconds since the Unix epoch by the Redis server clock,
@@ -116,7 +117,7 @@ static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("re
 ///
 /// # Scripts
 ///
-/// Four Lua scripts, each loaded when the store connects and then called with `EVALSHA` (if
+/// Five Lua scripts, each loaded when the store connects and then called with `EVALSHA` (if
 /// Redis lost them, after a restart, a failover or `SCRIPT FLUSH`, the call reloads them and
 /// retries: `redis::Script` does this). A script runs atomically, so:
 ///
@@ -127,7 +128,9 @@ static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("re
 ///   caller's token (compared as its 8 bytes), else answer 0, which becomes
 ///   [`StoreError::LeaseLost`], having changed nothing. `complete` writes the response with
 ///   `PX = ttl`; `renew` moves the deadline and the key TTL; `release` deletes the key.
-///   `complete` and `release` `PUBLISH` the completion in the same script.
+///   `complete` and `release` `PUBLISH` the completion in the same script when the record is
+///   watched.
+/// * `watch` marks an in-flight record as waited for (state 3) and says whether it is in flight.
 ///
 /// # Time and tokens
 ///
@@ -145,7 +148,10 @@ static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("re
 ///
 /// # Waking waiters
 ///
-/// `complete` and `release` publish the record key (hex) on the channel `{prefix}:completed`.
+/// A request that waits for an in-flight key (`on_conflict = "wait"`) calls `watch`, which marks
+/// the record; `complete` and `release` publish the record key (hex) on the channel
+/// `{prefix}:completed` only for marked records, so the common case, a request nobody waits for,
+/// costs no message and no work in any subscriber. A takeover keeps the mark.
 /// Each store (and its clones) keeps one subscriber connection on that channel and fans messages
 /// out to local waiters through a [`CompletionNotifier`], so a process holds one connection
 /// whatever the number of waiters. The subscriber pings the server every few seconds; if its
@@ -231,7 +237,7 @@ impl Connection {
     /// Loads every script up front, so the first calls need no `NOSCRIPT` detour and a server
     /// that refuses scripts is found at start-up rather than on the first request.
     async fn load_scripts(&self) -> Result<(), RedisError> {
-        for script in [&*BEGIN, &*COMPLETE, &*RENEW, &*RELEASE] {
+        for script in [&*BEGIN, &*COMPLETE, &*RENEW, &*RELEASE, &*WATCH] {
             match self {
                 Self::Standalone(connection) => {
                     script.load_async(&mut connection.clone()).await?;
@@ -521,6 +527,15 @@ impl IdempotencyStore for RedisStore {
 
     fn subscribe(&self, key: &RecordKey) -> Subscription {
         self.inner.notifier.subscribe(key)
+    }
+
+    async fn watch(&self, key: &RecordKey) -> Result<bool, StoreError> {
+        let invocation = WATCH.key(self.redis_key(key));
+        match self.invoke("watch", &invocation).await? {
+            Value::Int(1) => Ok(true),
+            Value::Int(0) => Ok(false),
+            other => Err(unexpected("watch", &other)),
+        }
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

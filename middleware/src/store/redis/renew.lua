@@ -8,7 +8,8 @@
 -- Returns 1 renewed, 0 the token does not hold the lease (nothing changed).
 local key = KEYS[1]
 local header = redis.call('GETRANGE', key, 0, 49)
-if #header ~= 50 or string.byte(header, 1) ~= 1 or string.byte(header, 2) ~= 1
+local state = string.byte(header, 2)
+if #header ~= 50 or string.byte(header, 1) ~= 1 or (state ~= 1 and state ~= 3)
     or string.sub(header, 35, 42) ~= ARGV[1] then
   return 0
 end
