@@ -26,6 +26,13 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// `Trailer`, `Transfer-Encoding`, `Upgrade`, `Proxy-Authorization`, `Proxy-Authenticate` and
 /// `Proxy-Connection`.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names is cheaper than nine map lookups.
+    let carries_any = headers
+        .keys()
+        .any(|name| *name == header::UPGRADE || HOP_BY_HOP.contains(name));
+    if !carries_any {
+        return;
+    }
     // Headers listed by `Connection` go first, while we can still read it.
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
@@ -49,6 +56,16 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    #[test]
+    fn leaves_end_to_end_headers_alone() {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("text/plain"));
+        headers.insert("x-connection", HeaderValue::from_static("keep"));
+        let before = headers.clone();
+        remove_hop_by_hop(&mut headers);
+        assert_eq!(headers, before);
+    }
 
     #[test]
     fn removes_hop_by_hop_headers_and_those_connection_names() {

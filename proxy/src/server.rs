@@ -122,8 +122,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         };
         let _ = stream.set_nodelay(true);
         let service = service.clone();
+        let client = ClientAddr::new(peer);
         let handler = hyper::service::service_fn(move |mut request: Request<Incoming>| {
-            request.extensions_mut().insert(ClientAddr(peer));
+            request.extensions_mut().insert(client.clone());
             let started = Instant::now();
             let logged = tracing::enabled!(tracing::Level::DEBUG)
                 .then(|| (request.method().clone(), request.uri().path().to_owned()));

@@ -33,8 +33,22 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
 
 /// The address of the client a request came from, set per connection.
-#[derive(Debug, Clone, Copy)]
-pub struct ClientAddr(pub SocketAddr);
+#[derive(Debug, Clone)]
+pub struct ClientAddr {
+    /// The address.
+    pub addr: SocketAddr,
+    /// Its IP as a header value, formatted once per connection rather than per request.
+    ip: HeaderValue,
+}
+
+impl ClientAddr {
+    /// The client at `addr`.
+    pub fn new(addr: SocketAddr) -> Self {
+        let ip = HeaderValue::try_from(addr.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Self { addr, ip }
+    }
+}
 
 /// A service that forwards requests to the upstream.
 #[derive(Clone)]
@@ -162,13 +176,16 @@ impl Target {
     /// Points the request at the upstream and sets the forwarding headers.
     fn rewrite<B>(&self, request: Request<B>) -> Result<Request<B>, Problem> {
         let (mut parts, body) = request.into_parts();
-        let path_and_query = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
-        let path_and_query = if self.base_path.is_empty() {
-            PathAndQuery::try_from(path_and_query)
-        } else {
-            PathAndQuery::try_from(format!("{}{path_and_query}", self.base_path))
-        }
-        .map_err(|_| invalid_target())?;
+        let path_and_query = match (parts.uri.path_and_query(), self.base_path.is_empty()) {
+            // Shares the parsed bytes: no copy, no second validation.
+            (Some(original), true) => original.clone(),
+            (None, true) => PathAndQuery::from_static("/"),
+            (original, false) => {
+                let original = original.map_or("/", PathAndQuery::as_str);
+                PathAndQuery::try_from(format!("{}{original}", self.base_path))
+                    .map_err(|_| invalid_target())?
+            }
+        };
         parts.uri = Uri::from_parts({
             let mut uri = http::uri::Parts::default();
             uri.scheme = Some(self.scheme.clone());
@@ -181,13 +198,18 @@ impl Target {
         let headers = &mut parts.headers;
         remove_hop_by_hop(headers);
         let original_host = headers.get(HOST).cloned();
-        if let Some(ClientAddr(client)) = parts.extensions.get::<ClientAddr>().copied() {
-            let ip = client.ip().to_string();
-            let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-                Some(earlier) => format!("{earlier}, {ip}"),
-                None => ip,
+        if let Some(client) = parts.extensions.get::<ClientAddr>() {
+            let forwarded_for = match headers.get(&X_FORWARDED_FOR) {
+                Some(earlier) => {
+                    let mut joined = Vec::with_capacity(earlier.len() + 2 + client.ip.len());
+                    joined.extend_from_slice(earlier.as_bytes());
+                    joined.extend_from_slice(b", ");
+                    joined.extend_from_slice(client.ip.as_bytes());
+                    HeaderValue::from_bytes(&joined).ok()
+                }
+                None => Some(client.ip.clone()),
             };
-            if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+            if let Some(value) = forwarded_for {
                 headers.insert(X_FORWARDED_FOR.clone(), value);
             }
         }
@@ -257,7 +279,7 @@ mod tests {
             .expect("request");
         request
             .extensions_mut()
-            .insert(ClientAddr("192.0.2.7:5000".parse().expect("addr")));
+            .insert(ClientAddr::new("192.0.2.7:5000".parse().expect("addr")));
         request
     }
 
