@@ -73,6 +73,10 @@ pub struct ProxyConfig {
     /// Forward the client's `Host` header instead of the upstream's authority.
     #[serde(default)]
     pub preserve_host: bool,
+    /// Threads serving requests; absent: one per CPU core. A sidecar sharing its machine with the
+    /// service it fronts often does better with fewer.
+    #[serde(default)]
+    pub worker_threads: Option<usize>,
 }
 
 /// `[admin]`: health, readiness and metrics, on a listener of their own.
@@ -587,6 +591,12 @@ impl Config {
             if value.is_zero() {
                 return Err(problem(KeyPath::of(&["proxy", key]), "must be positive"));
             }
+        }
+        if self.proxy.worker_threads == Some(0) {
+            return Err(problem(
+                KeyPath::of(&["proxy", "worker_threads"]),
+                "must be at least 1",
+            ));
         }
         if let Some(admin) = &self.admin
             && admin.listen == self.proxy.listen

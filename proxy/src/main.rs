@@ -53,7 +53,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Migrate => runtime_block_on(async {
+        Command::Migrate => runtime_block_on(None, async {
             match store::migrate(&config.store).await {
                 Ok(done) => {
                     println!("{done}");
@@ -65,7 +65,7 @@ fn main() -> ExitCode {
                 }
             }
         }),
-        Command::Run => runtime_block_on(async {
+        Command::Run => runtime_block_on(config.proxy.worker_threads, async {
             match server::run(config, server::shutdown_signal()).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
@@ -77,11 +77,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn runtime_block_on(work: impl std::future::Future<Output = ExitCode>) -> ExitCode {
-    match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+fn runtime_block_on(
+    worker_threads: Option<usize>,
+    work: impl std::future::Future<Output = ExitCode>,
+) -> ExitCode {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = worker_threads {
+        runtime.worker_threads(threads);
+    }
+    match runtime.enable_all().build() {
         Ok(runtime) => runtime.block_on(work),
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");

@@ -613,13 +613,23 @@ impl<St: IdempotencyStore> Lease<St> {
         let mut body = Box::pin(body);
         let mut copy = Copy::new(self.policy.max_response_body);
 
-        // Most handlers produce their whole body at once: take what is ready without waiting,
-        // and if that is all of it, store it before the client sees the response, so a retry
-        // sent the moment the response arrives is a replay, not a conflict.
+        // Most responses are small and of known length, or produced at once: read the whole body
+        // here (waiting for it when its length is known and fits, taking only what is ready
+        // otherwise), and store it before the client sees the response, so a retry sent the
+        // moment the response arrives is a replay, not a conflict. This spares the common case
+        // the streaming task and its channel.
+        let known_to_fit = size_hint
+            .exact()
+            .is_some_and(|len| len <= self.policy.max_response_body as u64);
         let mut ready = Vec::new();
         let mut end = None;
         while end.is_none() {
-            match body.frame().now_or_never() {
+            let next = if known_to_fit {
+                Some(body.frame().await)
+            } else {
+                body.frame().now_or_never()
+            };
+            match next {
                 Some(Some(Ok(frame))) => ready.push(copy.keep(frame)),
                 Some(Some(Err(error))) => {
                     copy.refuse(m::NotStored::BodyError);
