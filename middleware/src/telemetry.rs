@@ -13,10 +13,12 @@
 //! | `idempotency_responses_not_stored_total` | counter | `reason`: see [`NotStored`] |
 //! | `idempotency_reaped_records_total` | counter | `backend`: `postgres`, `sqlite` (SQL stores' reapers) |
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use metrics::{
-    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+    Counter, Gauge, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram,
+    gauge, histogram,
 };
 
 use crate::store::StoreError;
@@ -34,9 +36,12 @@ pub const LEASES_LOST_TOTAL: &str = "idempotency_leases_lost_total";
 /// Counter of responses produced under a lease but not kept for replay.
 pub const RESPONSES_NOT_STORED_TOTAL: &str = "idempotency_responses_not_stored_total";
 
-/// Registers the help text and units of every metric above with the installed recorder. Call it
-/// once after installing one (a Prometheus exporter shows the text as `# HELP`).
+/// Registers the help text and units of every metric above with the installed recorder (a
+/// Prometheus exporter shows the text as `# HELP`), and registers the metrics once so that the
+/// layer records through ready handles instead of looking each metric up per request. Call it
+/// once, after installing the recorder and before serving.
 pub fn describe() {
+    register_handles();
     describe_counter!(
         REQUESTS_TOTAL,
         Unit::Count,
@@ -98,6 +103,20 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    const ALL: [Self; 11] = [
+        Self::Executed,
+        Self::Replayed,
+        Self::Conflict,
+        Self::Mismatch,
+        Self::Rejected,
+        Self::Forwarded,
+        Self::TooLarge,
+        Self::InvalidKey,
+        Self::MissingKey,
+        Self::InvalidBody,
+        Self::Throttled,
+    ];
+
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -136,6 +155,15 @@ pub enum NotStored {
 }
 
 impl NotStored {
+    const ALL: [Self; 6] = [
+        Self::ServerError,
+        Self::TooLarge,
+        Self::Trailers,
+        Self::BodyError,
+        Self::InnerError,
+        Self::OutcomeUnknown,
+    ];
+
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -160,6 +188,14 @@ pub(crate) enum Operation {
 }
 
 impl Operation {
+    const ALL: [Self; 5] = [
+        Self::Begin,
+        Self::Complete,
+        Self::Release,
+        Self::Renew,
+        Self::Watch,
+    ];
+
     fn as_str(self) -> &'static str {
         match self {
             Self::Begin => "begin",
@@ -171,31 +207,83 @@ impl Operation {
     }
 }
 
+/// Handles registered once by [`describe`], so the hot path skips building and looking up a
+/// metric key per call. Without them (no `describe` call) every call looks its metric up, which
+/// is slower but right whenever the recorder was installed.
+struct Handles {
+    outcomes: [Counter; Outcome::ALL.len()],
+    not_stored: [Counter; NotStored::ALL.len()],
+    store_durations: [Histogram; Operation::ALL.len()],
+    store_errors: [Counter; Operation::ALL.len()],
+    leases_in_flight: Gauge,
+    leases_lost: Counter,
+}
+
+static HANDLES: OnceLock<Handles> = OnceLock::new();
+
+fn register_handles() {
+    HANDLES.get_or_init(|| Handles {
+        outcomes: Outcome::ALL.map(|o| counter!(REQUESTS_TOTAL, "outcome" => o.as_str())),
+        not_stored: NotStored::ALL
+            .map(|r| counter!(RESPONSES_NOT_STORED_TOTAL, "reason" => r.as_str())),
+        store_durations: Operation::ALL
+            .map(|op| histogram!(STORE_DURATION_SECONDS, "operation" => op.as_str())),
+        store_errors: Operation::ALL
+            .map(|op| counter!(STORE_ERRORS_TOTAL, "operation" => op.as_str())),
+        leases_in_flight: gauge!(LEASES_IN_FLIGHT),
+        leases_lost: counter!(LEASES_LOST_TOTAL),
+    });
+}
+
 pub(crate) fn outcome(outcome: Outcome) {
-    counter!(REQUESTS_TOTAL, "outcome" => outcome.as_str()).increment(1);
+    match HANDLES.get() {
+        Some(handles) => handles.outcomes[outcome as usize].increment(1),
+        None => counter!(REQUESTS_TOTAL, "outcome" => outcome.as_str()).increment(1),
+    }
 }
 
 pub(crate) fn not_stored(reason: NotStored) {
-    counter!(RESPONSES_NOT_STORED_TOTAL, "reason" => reason.as_str()).increment(1);
+    match HANDLES.get() {
+        Some(handles) => handles.not_stored[reason as usize].increment(1),
+        None => counter!(RESPONSES_NOT_STORED_TOTAL, "reason" => reason.as_str()).increment(1),
+    }
 }
 
 pub(crate) fn store_call<T>(operation: Operation, took: Duration, result: &Result<T, StoreError>) {
-    histogram!(STORE_DURATION_SECONDS, "operation" => operation.as_str()).record(took);
-    if let Err(error) = result
-        && !matches!(error, StoreError::LeaseLost)
-    {
-        counter!(STORE_ERRORS_TOTAL, "operation" => operation.as_str()).increment(1);
+    let failed = matches!(result, Err(error) if !matches!(error, StoreError::LeaseLost));
+    match HANDLES.get() {
+        Some(handles) => {
+            handles.store_durations[operation as usize].record(took);
+            if failed {
+                handles.store_errors[operation as usize].increment(1);
+            }
+        }
+        None => {
+            histogram!(STORE_DURATION_SECONDS, "operation" => operation.as_str()).record(took);
+            if failed {
+                counter!(STORE_ERRORS_TOTAL, "operation" => operation.as_str()).increment(1);
+            }
+        }
     }
 }
 
 pub(crate) fn lease_acquired() {
-    gauge!(LEASES_IN_FLIGHT).increment(1.0);
+    match HANDLES.get() {
+        Some(handles) => handles.leases_in_flight.increment(1.0),
+        None => gauge!(LEASES_IN_FLIGHT).increment(1.0),
+    }
 }
 
 pub(crate) fn lease_settled() {
-    gauge!(LEASES_IN_FLIGHT).decrement(1.0);
+    match HANDLES.get() {
+        Some(handles) => handles.leases_in_flight.decrement(1.0),
+        None => gauge!(LEASES_IN_FLIGHT).decrement(1.0),
+    }
 }
 
 pub(crate) fn lease_lost() {
-    counter!(LEASES_LOST_TOTAL).increment(1);
+    match HANDLES.get() {
+        Some(handles) => handles.leases_lost.increment(1),
+        None => counter!(LEASES_LOST_TOTAL).increment(1),
+    }
 }

@@ -159,6 +159,13 @@ async fn records_are_one_string_key_with_a_ttl_in_flight_and_completed() {
         .expect("SUBSCRIBE");
 
     let stored = response(b"{\"id\":7}");
+    // Watched, the record is marked (state 3) and its completion is published.
+    assert!(store.watch(&key).await.expect("watch"));
+    assert_eq!(
+        value(&mut raw, &name).await[1],
+        3,
+        "state in flight and watched"
+    );
     store
         .complete(&key, token, &stored, Duration::from_secs(60))
         .await
@@ -192,6 +199,7 @@ async fn records_are_one_string_key_with_a_ttl_in_flight_and_completed() {
 
     let released = self::key("layout-released");
     let token = acquire(&store, &released, 1, LONG).await;
+    assert!(store.watch(&released).await.expect("watch"));
     store.release(&released, token).await.expect("release");
     let exists: i64 = redis::cmd("EXISTS")
         .arg(format!("{prefix}:{}", released.to_hex()))
@@ -380,6 +388,7 @@ async fn the_subscriber_reconnects_after_its_connection_is_killed() {
     let token = acquire(&worker, &completed, 1, LONG).await;
     let subscription = waiter.subscribe(&completed);
     let woken = subscription.notified();
+    assert!(waiter.watch(&completed).await.expect("watch"));
     worker
         .complete(&completed, token, &response(b"again"), LONG)
         .await

@@ -1,8 +1,9 @@
 //! Logs and Prometheus metrics.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use metrics::{Unit, counter, describe_counter, describe_histogram, histogram};
+use metrics::{Counter, Histogram, Unit, counter, describe_counter, describe_histogram, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Histogram of upstream response-head latency, labelled by status class (`2xx`... and `502`
@@ -39,6 +40,7 @@ pub fn install_metrics() -> Result<PrometheusHandle, String> {
         .install_recorder()
         .map_err(|error| error.to_string())?;
     tower_idempotency::telemetry::describe();
+    register_handles();
     describe_histogram!(
         UPSTREAM_DURATION_SECONDS,
         Unit::Seconds,
@@ -66,26 +68,53 @@ pub fn install_metrics() -> Result<PrometheusHandle, String> {
     Ok(handle)
 }
 
-fn status_class(status: u16) -> &'static str {
+/// Status classes, as labelled.
+const CLASSES: [&str; 7] = ["1xx", "2xx", "3xx", "4xx", "5xx", "502", "504"];
+
+fn class_index(status: u16) -> usize {
     match status {
-        502 => "502",
-        504 => "504",
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+        502 => 5,
+        504 => 6,
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
     }
 }
 
+/// Metric handles registered once at start-up, so a request does not build and look up a key.
+struct Handles {
+    upstream_durations: [Histogram; CLASSES.len()],
+    responses: [Counter; CLASSES.len()],
+    readiness_failures: Counter,
+}
+
+static HANDLES: OnceLock<Handles> = OnceLock::new();
+
+fn register_handles() {
+    HANDLES.get_or_init(|| Handles {
+        upstream_durations: CLASSES
+            .map(|class| histogram!(UPSTREAM_DURATION_SECONDS, "status" => class)),
+        responses: CLASSES.map(|class| counter!(RESPONSES_TOTAL, "status" => class)),
+        readiness_failures: counter!(READINESS_FAILURES_TOTAL),
+    });
+}
+
 pub(crate) fn upstream_call(took: Duration, status: u16) {
-    histogram!(UPSTREAM_DURATION_SECONDS, "status" => status_class(status)).record(took);
+    if let Some(handles) = HANDLES.get() {
+        handles.upstream_durations[class_index(status)].record(took);
+    }
 }
 
 pub(crate) fn response(status: u16) {
-    counter!(RESPONSES_TOTAL, "status" => status_class(status)).increment(1);
+    if let Some(handles) = HANDLES.get() {
+        handles.responses[class_index(status)].increment(1);
+    }
 }
 
 pub(crate) fn readiness_failure() {
-    counter!(READINESS_FAILURES_TOTAL).increment(1);
+    if let Some(handles) = HANDLES.get() {
+        handles.readiness_failures.increment(1);
+    }
 }

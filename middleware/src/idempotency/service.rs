@@ -324,7 +324,7 @@ impl<St: IdempotencyStore> Keyed<St> {
                 Begin::InFlight => {
                     let now = Instant::now();
                     if let Some(completed) = completed.filter(|_| now < deadline) {
-                        let store = &self.shared.store;
+                        let store = self.shared.store();
                         let watched = self
                             .shared
                             .timed(m::Operation::Watch, store.watch(&self.record_key))
@@ -457,7 +457,8 @@ impl<St: IdempotencyStore> Beginning<St> {
         let store = shared.store.clone();
         Self {
             call: Some(Box::pin(async move {
-                store.begin(&key, &fingerprint, lock_ttl).await
+                // On `St` itself: the `Arc` forwarding impl would box the future once more.
+                St::begin(&store, &key, &fingerprint, lock_ttl).await
             })),
             shared: shared.clone(),
             key,
@@ -487,7 +488,7 @@ impl<St: IdempotencyStore> Drop for Beginning<St> {
         let (shared, key) = (self.shared.clone(), self.key);
         runtime.spawn(async move {
             if let Ok(Begin::Acquired { token }) = call.await {
-                let store = &shared.store;
+                let store = shared.store();
                 let _ = shared
                     .timed(m::Operation::Release, store.release(&key, token))
                     .await;
@@ -502,6 +503,12 @@ enum Begun<B> {
 }
 
 impl<St: IdempotencyStore> Shared<St> {
+    /// The store itself. Calls go to `St`'s methods rather than through the `Arc<St>`
+    /// forwarding impl, which would box every store future a second time.
+    pub(crate) fn store(&self) -> &St {
+        &self.store
+    }
+
     /// Runs one store operation under the store timeout, recording its latency and errors.
     pub(crate) async fn timed<T>(
         &self,
@@ -680,7 +687,7 @@ impl<St: IdempotencyStore> Lease<St> {
         let stored = StoredResponse::new(parts.status, parts.headers.clone(), body);
         let mut backoff = Duration::from_millis(50);
         for attempt in 1..=COMPLETE_ATTEMPTS {
-            let store = &self.shared.store;
+            let store = self.shared.store();
             let result = self
                 .shared
                 .timed(m::Operation::Complete, async {
@@ -736,7 +743,7 @@ impl<St: IdempotencyStore> Lease<St> {
             return;
         }
         self.settle();
-        let store = &self.shared.store;
+        let store = self.shared.store();
         let result = self
             .shared
             .timed(m::Operation::Release, async {
@@ -840,7 +847,7 @@ impl<St: IdempotencyStore> Drop for Lease<St> {
         let (shared, key, token) = (self.shared.clone(), self.key, self.token);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                let store = &shared.store;
+                let store = shared.store();
                 let _ = shared
                     .timed(m::Operation::Release, store.release(&key, token))
                     .await;
@@ -861,7 +868,7 @@ async fn renew_until_dropped<St: IdempotencyStore>(
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        let store = &shared.store;
+        let store = shared.store();
         let renewed = shared
             .timed(
                 m::Operation::Renew,

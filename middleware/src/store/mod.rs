@@ -283,7 +283,7 @@ impl IdempotencyStore for DynStore {
         fingerprint: &Fingerprint,
         lock_ttl: Duration,
     ) -> Result<Begin, StoreError> {
-        self.0.begin(key, fingerprint, lock_ttl).await
+        (*self.0).begin(key, fingerprint, lock_ttl).await
     }
 
     async fn complete(
@@ -293,11 +293,11 @@ impl IdempotencyStore for DynStore {
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        self.0.complete(key, token, response, ttl).await
+        (*self.0).complete(key, token, response, ttl).await
     }
 
     async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
-        self.0.release(key, token).await
+        (*self.0).release(key, token).await
     }
 
     async fn renew(
@@ -306,18 +306,18 @@ impl IdempotencyStore for DynStore {
         token: LeaseToken,
         lock_ttl: Duration,
     ) -> Result<(), StoreError> {
-        self.0.renew(key, token, lock_ttl).await
+        (*self.0).renew(key, token, lock_ttl).await
     }
 
     fn subscribe(&self, key: &RecordKey) -> Subscription {
-        self.0.subscribe(key)
+        (*self.0).subscribe(key)
     }
 
     async fn watch(&self, key: &RecordKey) -> Result<bool, StoreError> {
-        self.0.watch(key).await
+        (*self.0).watch(key).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.0.ping().await
+        (*self.0).ping().await
     }
 }

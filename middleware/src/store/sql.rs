@@ -129,6 +129,7 @@ where
 {
     let mut total = 0;
     loop {
+        let started = tokio::time::Instant::now();
         let deleted = delete_batch().await?;
         total += deleted;
         if deleted > 0 {
@@ -137,8 +138,10 @@ where
         if deleted < u64::from(batch) {
             return Ok(total);
         }
-        // Let requests on this runtime run between batches of a long backlog.
-        tokio::task::yield_now().await;
+        // Rest as long as the batch took before the next one: with a long backlog the reaper
+        // holds the write lock at most half the time (SQLite has one writer; without the pause
+        // the reaper took the lock straight back and starved requests waiting for it).
+        tokio::time::sleep(started.elapsed().min(Duration::from_millis(100))).await;
     }
 }
 

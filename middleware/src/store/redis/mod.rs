@@ -419,11 +419,19 @@ impl RedisStore {
     }
 
     /// The Redis key holding the record of `key`: `{prefix}:{hex}`.
-    fn redis_key(&self, key: &RecordKey) -> String {
-        let mut name = String::with_capacity(self.inner.key_prefix.len() + 64);
-        name.push_str(&self.inner.key_prefix);
-        name.push_str(&key.to_hex());
+    /// `{prefix}:{hex}`, written straight into one buffer: this runs on every call.
+    fn redis_key(&self, key: &RecordKey) -> Vec<u8> {
+        let prefix = self.inner.key_prefix.as_bytes();
+        let mut name = vec![0; prefix.len() + 64];
+        name[..prefix.len()].copy_from_slice(prefix);
+        // 32 bytes always fit 64 hex digits.
+        let _ = hex::encode_to_slice(key.as_bytes(), &mut name[prefix.len()..]);
         name
+    }
+
+    /// The hex record key inside a name from [`Self::redis_key`]: the completion message.
+    fn message<'a>(&self, name: &'a [u8]) -> &'a [u8] {
+        &name[self.inner.key_prefix.len()..]
     }
 
     async fn invoke(
@@ -483,13 +491,14 @@ impl IdempotencyStore for RedisStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let encoded = response.encode();
-        let mut invocation = COMPLETE.key(self.redis_key(key));
+        let name = self.redis_key(key);
+        let mut invocation = COMPLETE.key(&name[..]);
         invocation
             .arg(&token.0.to_be_bytes()[..])
             .arg(millis(ttl))
             .arg(&encoded[..])
             .arg(&self.inner.channel)
-            .arg(key.to_hex());
+            .arg(self.message(&name));
         let reply = self.invoke("complete", &invocation).await?;
         lease_outcome("complete", reply)?;
         // Local waiters need not wait for the message to come back through the server.
@@ -498,11 +507,12 @@ impl IdempotencyStore for RedisStore {
     }
 
     async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
-        let mut invocation = RELEASE.key(self.redis_key(key));
+        let name = self.redis_key(key);
+        let mut invocation = RELEASE.key(&name[..]);
         invocation
             .arg(&token.0.to_be_bytes()[..])
             .arg(&self.inner.channel)
-            .arg(key.to_hex());
+            .arg(self.message(&name));
         let reply = self.invoke("release", &invocation).await?;
         lease_outcome("release", reply)?;
         self.inner.notifier.notify(key);
