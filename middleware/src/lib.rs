@@ -38,9 +38,9 @@
 //!    `Idempotent-Replayed: true`), or `422` if the key was used for a different request, or, if
 //!    the key is in flight, `409` with `Retry-After` ([`OnConflict::Reject`]) or a wait for its
 //!    completion notification ([`OnConflict::Wait`]).
-//! 6. **Run.** The inner service runs on a task of its own, renewing the lease every
-//!    `lock_ttl / 3`. A client that disconnects does not cancel it: the response is stored for the
-//!    retry.
+//! 6. **Run.** The inner service runs, renewing the lease every `lock_ttl / 3`. A client that
+//!    disconnects does not cancel it: the unfinished request moves to a task of its own, and its
+//!    response is stored for the retry.
 //! 7. **Finish.** A response below 500 whose body fits `max_response_body` is stored for `ttl`,
 //!    fenced by the lease token (a holder that lost its lease cannot overwrite the new holder's
 //!    result). Otherwise the lease is released so a retry runs again; the client gets the whole
