@@ -487,3 +487,26 @@ async fn a_header_flood_is_refused_before_it_reaches_the_layer() {
     );
     assert_eq!(upstream.runs(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_upstream_can_be_spoken_to_over_h2c() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(&config_with_proxy(
+        &upstream.url,
+        "upstream_http2 = true",
+        MEMORY,
+    ));
+    let first = proxy.send(proxy.post("/payments", "h2c").body("x")).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+    let retry = proxy.send(proxy.post("/payments", "h2c").body("x")).await;
+    assert!(retry.replayed());
+    let seen = proxy
+        .send(proxy.client.get(format!("{}/headers", proxy.base)))
+        .await;
+    assert_eq!(seen.status, StatusCode::OK);
+    assert_eq!(
+        upstream.last_version(),
+        http::Version::HTTP_2,
+        "the upstream saw HTTP/2"
+    );
+}

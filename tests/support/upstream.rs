@@ -18,6 +18,7 @@ struct Counts {
     total: AtomicUsize,
     by_key: Mutex<HashMap<String, usize>>,
     started_by_key: Mutex<HashMap<String, usize>>,
+    last_version: Mutex<Option<axum::http::Version>>,
     last_headers: Mutex<Option<HeaderMap>>,
 }
 
@@ -99,6 +100,15 @@ impl Upstream {
     /// Every key and how often it ran.
     pub fn runs_by_key(&self) -> HashMap<String, usize> {
         self.counts.by_key.lock().expect("counts").clone()
+    }
+
+    /// The HTTP version of the last request to `/headers`.
+    pub fn last_version(&self) -> axum::http::Version {
+        self.counts
+            .last_version
+            .lock()
+            .expect("version")
+            .expect("a request reached /headers")
     }
 
     /// The headers of the last request to `/headers`.
@@ -202,8 +212,13 @@ async fn big(
     Body::from_stream(futures_util::stream::iter(chunks))
 }
 
-async fn headers(State(counts): State<Arc<Counts>>, headers: HeaderMap) -> Response {
+async fn headers(
+    State(counts): State<Arc<Counts>>,
+    version: axum::http::Version,
+    headers: HeaderMap,
+) -> Response {
     record(&counts, &headers);
+    *counts.last_version.lock().expect("version") = Some(version);
     *counts.last_headers.lock().expect("headers") = Some(headers);
     let mut response = "headers seen".into_response();
     let reply = response.headers_mut();
