@@ -574,14 +574,19 @@ async fn a_panicking_handler_releases_its_lease() {
     assert_eq!(app.counters.runs(), 2);
 }
 
-/// A real memory store behind a switch that makes every call fail as an unreachable store would.
+/// A real memory store with faults to switch on: an outage (every call fails as an unreachable
+/// store's would), a `begin` that never answers, or a `begin` whose first reply arrives 300 ms
+/// after the store acted (a stalled network).
 #[derive(Clone, Default)]
-struct Outage {
+struct Faulty {
     store: MemoryStore,
     down: Arc<AtomicBool>,
+    stalled_begin: bool,
+    slow_first_reply: bool,
+    begins: Arc<AtomicUsize>,
 }
 
-impl Outage {
+impl Faulty {
     fn check(&self) -> Result<(), StoreError> {
         if self.down.load(Ordering::SeqCst) {
             return Err(StoreError::backend("connection refused"));
@@ -591,7 +596,7 @@ impl Outage {
 }
 
 #[async_trait]
-impl IdempotencyStore for Outage {
+impl IdempotencyStore for Faulty {
     async fn begin(
         &self,
         key: &RecordKey,
@@ -599,7 +604,14 @@ impl IdempotencyStore for Outage {
         lock: Duration,
     ) -> Result<Begin, StoreError> {
         self.check()?;
-        self.store.begin(key, fp, lock).await
+        if self.stalled_begin {
+            return std::future::pending().await;
+        }
+        let begun = self.store.begin(key, fp, lock).await;
+        if self.slow_first_reply && self.begins.fetch_add(1, Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        begun
     }
     async fn complete(
         &self,
@@ -631,7 +643,7 @@ impl IdempotencyStore for Outage {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_store_outage_rejects_or_forwards_per_route() {
-    let store = Outage::default();
+    let store = Faulty::default();
     let layer = IdempotencyLayer::new(store.clone()).route(
         "/feed".parse().expect("pattern"),
         Policy::default().with_on_store_error(OnStoreError::Forward),
@@ -665,43 +677,11 @@ async fn a_store_outage_rejects_or_forwards_per_route() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slow_store_counts_as_an_outage() {
-    #[derive(Clone, Default)]
-    struct Stalled(MemoryStore);
-    #[async_trait]
-    impl IdempotencyStore for Stalled {
-        async fn begin(
-            &self,
-            _: &RecordKey,
-            _: &Fingerprint,
-            _: Duration,
-        ) -> Result<Begin, StoreError> {
-            std::future::pending().await
-        }
-        async fn complete(
-            &self,
-            key: &RecordKey,
-            token: LeaseToken,
-            response: &StoredResponse,
-            ttl: Duration,
-        ) -> Result<(), StoreError> {
-            self.0.complete(key, token, response, ttl).await
-        }
-        async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
-            self.0.release(key, token).await
-        }
-        async fn renew(
-            &self,
-            key: &RecordKey,
-            token: LeaseToken,
-            lock: Duration,
-        ) -> Result<(), StoreError> {
-            self.0.renew(key, token, lock).await
-        }
-        fn subscribe(&self, key: &RecordKey) -> Subscription {
-            self.0.subscribe(key)
-        }
-    }
-    let layer = IdempotencyLayer::new(Stalled::default()).store_timeout(Duration::from_millis(100));
+    let stalled = Faulty {
+        stalled_begin: true,
+        ..Faulty::default()
+    };
+    let layer = IdempotencyLayer::new(stalled).store_timeout(Duration::from_millis(100));
     let app = App::start(layer).await;
     let reply = app.send(app.post("/payments", "t").body("x")).await;
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
@@ -770,56 +750,13 @@ async fn an_unknown_outcome_keeps_the_key_locked_until_lock_ttl() {
     assert_eq!(app.counters.runs(), 2);
 }
 
-/// The memory store, but the answer to the first `begin` takes 300 ms to arrive: the store has
-/// acted, and the reply is slow, as with a stalled network.
-#[derive(Clone, Default)]
-struct SlowFirstBegin {
-    store: MemoryStore,
-    calls: Arc<AtomicUsize>,
-}
-
-#[async_trait]
-impl IdempotencyStore for SlowFirstBegin {
-    async fn begin(
-        &self,
-        key: &RecordKey,
-        fp: &Fingerprint,
-        lock: Duration,
-    ) -> Result<Begin, StoreError> {
-        let begun = self.store.begin(key, fp, lock).await;
-        if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-        begun
-    }
-    async fn complete(
-        &self,
-        key: &RecordKey,
-        token: LeaseToken,
-        response: &StoredResponse,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.store.complete(key, token, response, ttl).await
-    }
-    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
-        self.store.release(key, token).await
-    }
-    async fn renew(
-        &self,
-        key: &RecordKey,
-        token: LeaseToken,
-        lock: Duration,
-    ) -> Result<(), StoreError> {
-        self.store.renew(key, token, lock).await
-    }
-    fn subscribe(&self, key: &RecordKey) -> Subscription {
-        self.store.subscribe(key)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_begin_abandoned_by_the_store_timeout_does_not_leave_the_key_locked() {
-    let layer = IdempotencyLayer::new(SlowFirstBegin::default())
+    let slow = Faulty {
+        slow_first_reply: true,
+        ..Faulty::default()
+    };
+    let layer = IdempotencyLayer::new(slow)
         .store_timeout(Duration::from_millis(100))
         .policy(Policy::default().with_lock_ttl(Duration::from_secs(600)));
     let app = App::start(layer).await;
