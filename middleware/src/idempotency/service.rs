@@ -285,6 +285,35 @@ impl<St: IdempotencyStore> Keyed<St> {
         }
     }
 
+    /// One `begin` call that finishes even if abandoned. When the client goes away or the store
+    /// timeout fires mid-call, the store may still carry the call out; the call then finishes in
+    /// the background and releases a lease it acquired, instead of leaving the key locked for
+    /// `lock_ttl` by a lease nobody will use.
+    fn begin_call(
+        &self,
+        fingerprint: Fingerprint,
+    ) -> Detached<impl Future<Output = BeginResult> + use<St>> {
+        let (shared, key, lock_ttl) = (self.shared.clone(), self.record_key, self.policy.lock_ttl);
+        let store = shared.store.clone();
+        let call = async move {
+            // On `St` itself: the `Arc` forwarding impl would box the future once more.
+            St::begin(&store, &key, &fingerprint, lock_ttl).await
+        };
+        Detached::new(
+            call,
+            Box::new(move |begun: BeginResult| {
+                Box::pin(async move {
+                    if let Ok(Begin::Acquired { token }) = begun {
+                        let store = shared.store();
+                        let _ = shared
+                            .timed(m::Operation::Release, store.release(&key, token))
+                            .await;
+                    }
+                })
+            }),
+        )
+    }
+
     /// Takes the lease, or answers from the record: replay, `422`, `409`, or after waiting.
     async fn begin<B>(&self, fingerprint: &Fingerprint) -> Result<Begun<B>, StoreError> {
         let subscription = (self.policy.on_conflict == OnConflict::Wait)
@@ -293,12 +322,7 @@ impl<St: IdempotencyStore> Keyed<St> {
         loop {
             // Armed before looking, so a completion between the look and the wait is not missed.
             let completed = subscription.as_ref().map(|s| s.notified());
-            let call = Beginning::new(
-                &self.shared,
-                self.record_key,
-                *fingerprint,
-                self.policy.lock_ttl,
-            );
+            let call = self.begin_call(*fingerprint);
             let begun = self.shared.timed(m::Operation::Begin, call).await?;
             match begun {
                 Begin::Acquired { token } => return Ok(Begun::Acquired(token)),
@@ -379,27 +403,34 @@ impl<St: IdempotencyStore> Keyed<St> {
             self.permit,
         );
         let request = Request::from_parts(self.parts, RequestBody::buffered(body));
-        Detached::new(lease.run(inner, request)).await
+        // The client's response is made even if nobody is left to read it: storing it is the point.
+        Detached::new(lease.run(inner, request), Box::new(|_| Box::pin(async {}))).await
     }
 }
 
+/// What to do, on a task of its own, with the output of a [`Detached`] future whose caller left.
+type Abandoned<T> = Box<dyn FnOnce(T) -> BoxFuture<'static, ()> + Send>;
+
 /// A future that finishes even if its caller stops waiting: dropped before completion, it moves
-/// to a task of its own. Running in the caller's task until then spares every request a spawn and
-/// a cross-thread wake-up, which is most of what a detached task would cost.
+/// to a task of its own, and its output goes to `abandoned` there. Running in the caller's task
+/// until then spares every request a spawn and a cross-thread wake-up, which is most of what a
+/// detached task would cost.
 struct Detached<F: Future + Send + 'static>
 where
     F::Output: Send,
 {
     future: Option<std::pin::Pin<Box<F>>>,
+    abandoned: Option<Abandoned<F::Output>>,
 }
 
 impl<F: Future + Send + 'static> Detached<F>
 where
     F::Output: Send,
 {
-    fn new(future: F) -> Self {
+    fn new(future: F, abandoned: Abandoned<F::Output>) -> Self {
         Self {
             future: Some(Box::pin(future)),
+            abandoned: Some(abandoned),
         }
     }
 }
@@ -429,73 +460,17 @@ where
         if std::thread::panicking() {
             return;
         }
-        if let (Some(future), Ok(runtime)) =
-            (self.future.take(), tokio::runtime::Handle::try_current())
-        {
-            runtime.spawn(future);
+        if let (Some(future), Some(abandoned), Ok(runtime)) = (
+            self.future.take(),
+            self.abandoned.take(),
+            tokio::runtime::Handle::try_current(),
+        ) {
+            runtime.spawn(async move { abandoned(future.await).await });
         }
     }
 }
 
-/// A `begin` call that finishes even if abandoned. When the client goes away or the store timeout
-/// fires mid-call, the store may still carry the call out; dropped, this finishes it in the
-/// background and releases a lease it acquired, instead of leaving the key locked for `lock_ttl`
-/// by a lease nobody will use.
-struct Beginning<St: IdempotencyStore> {
-    call: Option<BoxFuture<'static, Result<Begin, StoreError>>>,
-    shared: Arc<Shared<St>>,
-    key: RecordKey,
-}
-
-impl<St: IdempotencyStore> Beginning<St> {
-    fn new(
-        shared: &Arc<Shared<St>>,
-        key: RecordKey,
-        fingerprint: Fingerprint,
-        lock_ttl: Duration,
-    ) -> Self {
-        let store = shared.store.clone();
-        Self {
-            call: Some(Box::pin(async move {
-                // On `St` itself: the `Arc` forwarding impl would box the future once more.
-                St::begin(&store, &key, &fingerprint, lock_ttl).await
-            })),
-            shared: shared.clone(),
-            key,
-        }
-    }
-}
-
-impl<St: IdempotencyStore> Future for Beginning<St> {
-    type Output = Result<Begin, StoreError>;
-
-    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let Some(call) = self.call.as_mut() else {
-            return Poll::Pending;
-        };
-        let begun = std::task::ready!(call.as_mut().poll(cx));
-        self.call = None;
-        Poll::Ready(begun)
-    }
-}
-
-impl<St: IdempotencyStore> Drop for Beginning<St> {
-    fn drop(&mut self) {
-        let Some(call) = self.call.take() else { return };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (shared, key) = (self.shared.clone(), self.key);
-        runtime.spawn(async move {
-            if let Ok(Begin::Acquired { token }) = call.await {
-                let store = shared.store();
-                let _ = shared
-                    .timed(m::Operation::Release, store.release(&key, token))
-                    .await;
-            }
-        });
-    }
-}
+type BeginResult = Result<Begin, StoreError>;
 
 enum Begun<B> {
     Acquired(LeaseToken),
