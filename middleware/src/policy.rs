@@ -75,6 +75,13 @@ pub struct Policy {
     /// more get `429` before their body is read. Bounds what one caller can make the layer
     /// buffer. `0` means no limit. Default 100.
     pub max_in_flight_per_caller: usize,
+    /// Longest time reading a covered request's body may take; a slower body is answered `408`,
+    /// before anything ran or any lease was taken. Default 30 seconds.
+    pub body_read_timeout: Duration,
+    /// Statuses never kept for replay, besides every `5xx` (which is never stored either): such a
+    /// response is delivered, the lease released, and a retry runs again. They say "not done,
+    /// try later". Default `408`, `425`, `429`.
+    pub never_store: Vec<StatusCode>,
 }
 
 impl Default for Policy {
@@ -95,6 +102,12 @@ impl Default for Policy {
             max_response_body: 8 * 1024 * 1024,
             retry_after: Duration::from_secs(1),
             max_in_flight_per_caller: 100,
+            body_read_timeout: Duration::from_secs(30),
+            never_store: vec![
+                StatusCode::REQUEST_TIMEOUT,
+                StatusCode::TOO_EARLY,
+                StatusCode::TOO_MANY_REQUESTS,
+            ],
         }
     }
 }
@@ -152,6 +165,10 @@ impl Policy {
         with_retry_after: retry_after: Duration;
         /// Sets [`Policy::max_in_flight_per_caller`].
         with_max_in_flight_per_caller: max_in_flight_per_caller: usize;
+        /// Sets [`Policy::body_read_timeout`].
+        with_body_read_timeout: body_read_timeout: Duration;
+        /// Sets [`Policy::never_store`].
+        with_never_store: never_store: Vec<StatusCode>;
     }
 
     /// Checks the values work together: durations are positive and a lease outlives its renewal
@@ -176,13 +193,16 @@ impl Policy {
         if self.retry_after.is_zero() {
             return fail("retry_after", "must be positive");
         }
+        if self.body_read_timeout.is_zero() {
+            return fail("body_read_timeout", "must be positive");
+        }
         Ok(())
     }
 
-    /// Whether a response with `status` is kept for replay: everything below 500. A server error
-    /// releases the lease so that a retry runs again.
+    /// Whether a response with `status` is kept for replay: everything below 500 that is not in
+    /// [`Policy::never_store`]. Any other releases the lease so that a retry runs again.
     pub fn is_storable(&self, status: StatusCode) -> bool {
-        !status.is_server_error()
+        !status.is_server_error() && !self.never_store.contains(&status)
     }
 
     pub(crate) fn covers(&self, method: &Method) -> bool {
@@ -409,6 +429,20 @@ mod tests {
             .route(pattern("/**"), Policy::default().with_enabled(false));
         assert!(routes.policy_for("/payments/1").required);
         assert!(!routes.policy_for("/feed").enabled);
+    }
+
+    #[test]
+    fn throttled_and_server_errors_are_never_stored_by_default() {
+        let policy = Policy::default();
+        for status in [408, 425, 429, 500, 503] {
+            let status = StatusCode::from_u16(status).unwrap();
+            assert!(!policy.is_storable(status), "{status}");
+        }
+        assert!(policy.is_storable(StatusCode::CREATED));
+        assert!(policy.is_storable(StatusCode::CONFLICT));
+        let keeps_429 = policy.with_never_store(Vec::new());
+        assert!(keeps_429.is_storable(StatusCode::TOO_MANY_REQUESTS));
+        assert!(!keeps_429.is_storable(StatusCode::BAD_GATEWAY));
     }
 
     #[test]

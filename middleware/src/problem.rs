@@ -18,6 +18,10 @@
 //! `413`: the request body is larger than the route's `max_request_body`. Nothing was stored and
 //! nothing was forwarded.
 //!
+//! # body-read-timeout
+//! `408`: the request body did not arrive within the route's `body_read_timeout`. Nothing ran
+//! and the key is free: send the request again.
+//!
 //! # key-reused
 //! `422`: the key was already used for a different request (method, path, query, body or
 //! fingerprinted headers differ). Use a new key for a new operation.
@@ -37,10 +41,15 @@
 //! `400` (proxy): the request target cannot be forwarded to the upstream.
 //!
 //! # upstream-unavailable
-//! `502` (proxy): the upstream refused the connection or failed before answering.
+//! `502` (proxy): the upstream refused the connection or failed before answering. Also (proxy and
+//! layer) a response body that failed before the response head was sent: the operation may have
+//! run, so the key stays locked until `lock_ttl`.
 //!
 //! # upstream-timeout
-//! `504` (proxy): the upstream did not answer within the proxy's upstream timeout.
+//! `504` (proxy): the upstream did not answer within the proxy's upstream timeout. Also (proxy
+//! and layer) a response body that stalled past its idle timeout (`upstream_body_timeout`, a
+//! [`BodyTimeout`](crate::BodyTimeout) error) before the response head was sent: the key stays
+//! locked until `lock_ttl`.
 
 use std::time::Duration;
 
@@ -62,6 +71,8 @@ pub enum ProblemKind {
     InvalidBody,
     /// `413`, see [the module docs](self#body-too-large).
     BodyTooLarge,
+    /// `408`, see [the module docs](self#body-read-timeout).
+    BodyReadTimeout,
     /// `422`, see [the module docs](self#key-reused).
     KeyReused,
     /// `409`, see [the module docs](self#in-flight).
@@ -86,6 +97,7 @@ impl ProblemKind {
             Self::InvalidKey => "invalid-key",
             Self::InvalidBody => "invalid-body",
             Self::BodyTooLarge => "body-too-large",
+            Self::BodyReadTimeout => "body-read-timeout",
             Self::KeyReused => "key-reused",
             Self::InFlight => "in-flight",
             Self::TooManyInFlight => "too-many-in-flight",
@@ -103,6 +115,7 @@ impl ProblemKind {
                 StatusCode::BAD_REQUEST
             }
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyReadTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::InFlight => StatusCode::CONFLICT,
             Self::TooManyInFlight => StatusCode::TOO_MANY_REQUESTS,
@@ -119,6 +132,7 @@ impl ProblemKind {
             Self::InvalidKey => "Invalid idempotency key",
             Self::InvalidBody => "Request body could not be read",
             Self::BodyTooLarge => "Request body too large",
+            Self::BodyReadTimeout => "Request body timed out",
             Self::KeyReused => "Idempotency key reused for a different request",
             Self::InFlight => "Request with this idempotency key is in progress",
             Self::TooManyInFlight => "Too many requests in progress",

@@ -100,10 +100,12 @@ pub enum Outcome {
     InvalidBody,
     /// `429`: its caller had `max_in_flight_per_caller` requests in progress.
     Throttled,
+    /// `408`: its body did not arrive within `body_read_timeout`.
+    BodyTimeout,
 }
 
 impl Outcome {
-    const ALL: [Self; 11] = [
+    const ALL: [Self; 12] = [
         Self::Executed,
         Self::Replayed,
         Self::Conflict,
@@ -115,6 +117,7 @@ impl Outcome {
         Self::MissingKey,
         Self::InvalidBody,
         Self::Throttled,
+        Self::BodyTimeout,
     ];
 
     /// The label value.
@@ -131,6 +134,7 @@ impl Outcome {
             Self::MissingKey => "missing_key",
             Self::InvalidBody => "invalid_body",
             Self::Throttled => "throttled",
+            Self::BodyTimeout => "body_timeout",
         }
     }
 }
@@ -141,11 +145,14 @@ impl Outcome {
 pub enum NotStored {
     /// A 5xx status.
     ServerError,
+    /// A status in the policy's `never_store` (default `408`, `425`, `429`).
+    NeverStore,
     /// The body was over `max_response_body`.
     TooLarge,
     /// The response had trailers, which a replay cannot repeat.
     Trailers,
-    /// Reading the body failed.
+    /// Reading the body failed (or timed out) after the head: the outcome is unknown, and the
+    /// lease is kept until it expires.
     BodyError,
     /// The inner service returned an error instead of a response.
     InnerError,
@@ -155,8 +162,9 @@ pub enum NotStored {
 }
 
 impl NotStored {
-    const ALL: [Self; 6] = [
+    const ALL: [Self; 7] = [
         Self::ServerError,
+        Self::NeverStore,
         Self::TooLarge,
         Self::Trailers,
         Self::BodyError,
@@ -168,6 +176,7 @@ impl NotStored {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::ServerError => "server_error",
+            Self::NeverStore => "never_store",
             Self::TooLarge => "too_large",
             Self::Trailers => "trailers",
             Self::BodyError => "body_error",

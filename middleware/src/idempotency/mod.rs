@@ -3,12 +3,14 @@
 //! See the [crate docs](crate) for the request lifecycle and the guarantees.
 
 mod body;
+mod body_timeout;
 mod callers;
 mod future;
 mod layer;
 mod service;
 
 pub use body::{RequestBody, ResponseBody};
+pub use body_timeout::BodyTimeout;
 pub use future::ResponseFuture;
 pub use layer::{IdempotencyLayer, ScopeFn};
 pub use service::{Idempotency, OutcomeUnknown};

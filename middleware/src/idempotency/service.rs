@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use tower::Service;
 
 use super::body::{RequestBody, ResponseBody, Streamed};
+use super::body_timeout::BodyTimeout;
 use super::callers::CallerPermit;
 use super::future::ResponseFuture;
 use super::layer::Shared;
@@ -49,6 +50,22 @@ use crate::telemetry as m;
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct OutcomeUnknown;
+
+/// The problem answer for a response body that failed before its head was sent: `504` when it
+/// stalled ([`BodyTimeout`]), `502` otherwise.
+fn body_failed(error: &BoxError) -> Problem {
+    if BodyTimeout::is_in(error.as_ref()) {
+        Problem::new(
+            ProblemKind::UpstreamTimeout,
+            format!("the response body stalled: {error}; the operation may have run"),
+        )
+    } else {
+        Problem::new(
+            ProblemKind::UpstreamUnavailable,
+            format!("the response body failed: {error}; the operation may have run"),
+        )
+    }
+}
 
 /// Frames buffered between the detached task and a slow client before the task waits.
 const STREAM_BUFFER: usize = 16;
@@ -255,7 +272,9 @@ impl<St: IdempotencyStore> Keyed<St> {
     }
 
     /// Reads the whole request body, refusing bodies over the policy's limit (`413`) before
-    /// reading them where `Content-Length` already tells.
+    /// reading them where `Content-Length` already tells, and bodies slower than
+    /// `body_read_timeout` (`408`). Nothing has run and no lease is held yet, so a refusal leaves
+    /// nothing behind.
     async fn buffer_body<B>(&self, body: B) -> Result<Bytes, Problem>
     where
         B: Body<Data = Bytes>,
@@ -272,7 +291,20 @@ impl<St: IdempotencyStore> Keyed<St> {
         if body.size_hint().lower() > limit as u64 {
             return Err(too_large());
         }
-        match Limited::new(body, limit).collect().await {
+        let timeout = self.policy.body_read_timeout;
+        let Ok(collected) =
+            tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await
+        else {
+            m::outcome(m::Outcome::BodyTimeout);
+            return Err(Problem::new(
+                ProblemKind::BodyReadTimeout,
+                format!(
+                    "the request body did not arrive within {}ms; nothing was run",
+                    timeout.as_millis()
+                ),
+            ));
+        };
+        match collected {
             Ok(collected) => Ok(collected.to_bytes()),
             Err(error) if error.is::<LengthLimitError>() => Err(too_large()),
             Err(error) => {
@@ -587,7 +619,11 @@ impl<St: IdempotencyStore> Lease<St> {
             return Response::from_parts(parts, ResponseBody::inner(body));
         }
         if !self.policy.is_storable(parts.status) {
-            m::not_stored(m::NotStored::ServerError);
+            m::not_stored(if parts.status.is_server_error() {
+                m::NotStored::ServerError
+            } else {
+                m::NotStored::NeverStore
+            });
             self.release().await;
             return Response::from_parts(parts, ResponseBody::inner(body));
         }
@@ -604,8 +640,8 @@ impl<St: IdempotencyStore> Lease<St> {
             .exact()
             .is_some_and(|len| len <= self.policy.max_response_body as u64);
         let mut ready = Vec::new();
-        let mut end = None;
-        while end.is_none() {
+        let mut ended = false;
+        while !ended {
             let next = if known_to_fit {
                 Some(body.frame().await)
             } else {
@@ -614,14 +650,17 @@ impl<St: IdempotencyStore> Lease<St> {
             match next {
                 Some(Some(Ok(frame))) => ready.push(copy.keep(frame)),
                 Some(Some(Err(error))) => {
-                    copy.refuse(m::NotStored::BodyError);
-                    end = Some(Streamed::Error(error.into()));
+                    // Nothing was sent yet: the client gets a problem answer instead of a head
+                    // followed by a broken body.
+                    let error: BoxError = error.into();
+                    self.outcome_unknown(&error);
+                    return problem(body_failed(&error));
                 }
-                Some(None) => end = Some(Streamed::End),
+                Some(None) => ended = true,
                 None => break,
             }
         }
-        if matches!(end, Some(Streamed::End)) && copy.storable {
+        if ended && copy.storable {
             let whole = copy.whole();
             self.complete(&parts, whole.clone()).await;
             return Response::from_parts(parts, ResponseBody::full(whole));
@@ -636,7 +675,7 @@ impl<St: IdempotencyStore> Lease<St> {
             body,
             copy,
             ready,
-            end,
+            ended,
         };
         tokio::spawn(stream.run(sender));
         Response::from_parts(parts, ResponseBody::streamed(receiver, size_hint))
@@ -734,6 +773,25 @@ impl<St: IdempotencyStore> Lease<St> {
         }
     }
 
+    /// The response body broke after the head: the operation ran, or is running. As with
+    /// [`OutcomeUnknown`], nothing is stored and the lease is kept, unrenewed, until `lock_ttl`,
+    /// so a retry neither runs alongside it nor replays a broken response.
+    fn outcome_unknown(&mut self, error: &BoxError) {
+        if self.settled {
+            // Already released (a response too large to keep): nothing more to decide.
+            return;
+        }
+        m::not_stored(m::NotStored::BodyError);
+        tracing::warn!(
+            key = ?self.key,
+            %error,
+            lock_ttl = ?self.policy.lock_ttl,
+            "the response body failed; the outcome is unknown and the key stays locked until \
+             lock_ttl passes"
+        );
+        self.settle();
+    }
+
     fn settle(&mut self) {
         if !self.settled {
             self.settled = true;
@@ -750,8 +808,8 @@ struct Stream<St: IdempotencyStore, B> {
     copy: Copy,
     /// Frames read before streaming began, not yet sent on.
     ready: Vec<Streamed>,
-    /// How the body ended, if it already has.
-    end: Option<Streamed>,
+    /// Whether the body already ended (normally) before streaming began.
+    ended: bool,
 }
 
 impl<St, B> Stream<St, B>
@@ -761,28 +819,32 @@ where
     B::Error: Into<BoxError>,
 {
     async fn run(mut self, sender: mpsc::Sender<Streamed>) {
-        let renewal = self.lease.renewal();
-        tokio::select! {
-            () = self.tee(sender) => {}
-            never = renewal => match never {},
-        }
-    }
-
-    async fn tee(&mut self, sender: mpsc::Sender<Streamed>) {
         let mut client = ClientStream {
             sender: Some(sender),
-            held: None,
         };
+        let renewal = self.lease.renewal();
+        let end = tokio::select! {
+            end = self.tee(&mut client) => end,
+            never = renewal => match never {},
+        };
+        // The lease is settled (stored, released, or left to expire) and no longer renewed. Only
+        // now does the client learn that the body is over: a client that has the whole body can
+        // rely on its retry being a replay.
+        client.send(end).await;
+    }
+
+    /// Forwards each frame as it arrives while keeping the copy, then stores or settles the
+    /// lease; returns how the body ended, for the client.
+    async fn tee(&mut self, client: &mut ClientStream) -> Streamed {
         for message in std::mem::take(&mut self.ready) {
-            client.push(message).await;
+            client.send(message).await;
         }
-        let mut end = self.end.take();
-        while end.is_none() {
+        while !self.ended {
             if !self.copy.storable {
                 self.lease.release().await;
                 if client.is_gone() {
                     // Nobody will read the rest and it will not be stored: stop reading it.
-                    return;
+                    return Streamed::End;
                 }
             }
             // The body's own error type need not be `Send`: convert it before any await.
@@ -792,12 +854,12 @@ where
                 .await
                 .map(|frame| frame.map_err(Into::into));
             match next {
-                Some(Ok(frame)) => client.push(self.copy.keep(frame)).await,
+                Some(Ok(frame)) => client.send(self.copy.keep(frame)).await,
                 Some(Err(error)) => {
-                    self.copy.refuse(m::NotStored::BodyError);
-                    end = Some(Streamed::Error(error));
+                    self.lease.outcome_unknown(&error);
+                    return Streamed::Error(error);
                 }
-                None => end = Some(Streamed::End),
+                None => self.ended = true,
             }
         }
         if self.copy.storable {
@@ -806,10 +868,7 @@ where
         } else {
             self.lease.release().await;
         }
-        if let Some(end) = end {
-            client.push(end).await;
-        }
-        client.flush().await;
+        Streamed::End
     }
 }
 
@@ -926,27 +985,13 @@ impl Copy {
     }
 }
 
-/// The client's end of a streamed response. The last message is held back until the next one
-/// arrives or the stream is flushed, which happens only after the record is stored: a client that
-/// has the whole body can rely on its retry being a replay.
+/// The client's end of a streamed response: each frame goes on as it arrives; only the end of the
+/// stream waits for the record (see [`Stream::run`]).
 struct ClientStream {
     sender: Option<mpsc::Sender<Streamed>>,
-    held: Option<Streamed>,
 }
 
 impl ClientStream {
-    async fn push(&mut self, message: Streamed) {
-        if let Some(previous) = self.held.replace(message) {
-            self.send(previous).await;
-        }
-    }
-
-    async fn flush(&mut self) {
-        if let Some(last) = self.held.take() {
-            self.send(last).await;
-        }
-    }
-
     async fn send(&mut self, message: Streamed) {
         if let Some(sender) = &self.sender
             && sender.send(message).await.is_err()
