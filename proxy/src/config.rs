@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytesize::ByteSize;
-use http::{HeaderName, Method, Uri};
+use http::{HeaderName, Method, StatusCode, Uri};
 use serde::Deserialize;
 use tower_idempotency::{OnConflict, OnStoreError, PathPattern, Policy, Routes};
 
@@ -51,6 +51,12 @@ pub struct ProxyConfig {
     /// Longest wait for the upstream's response head before answering `504`.
     #[serde(default = "defaults::upstream_timeout", with = "humantime_serde")]
     pub upstream_timeout: Duration,
+    /// Longest silence between two parts of the upstream's response body; absent: the same as
+    /// `upstream_timeout`. When it passes, a client that has no response head yet gets `504`,
+    /// one that has is disconnected, and the key stays locked until `lock_ttl` (the outcome is
+    /// unknown).
+    #[serde(default, with = "humantime_serde")]
+    pub upstream_body_timeout: Option<Duration>,
     /// Longest wait to open a connection to the upstream before answering `502`.
     #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -77,6 +83,13 @@ pub struct ProxyConfig {
     /// service it fronts often does better with fewer.
     #[serde(default)]
     pub worker_threads: Option<usize>,
+}
+
+impl ProxyConfig {
+    /// The effective `upstream_body_timeout`: as set, else `upstream_timeout`.
+    pub fn upstream_body_timeout(&self) -> Duration {
+        self.upstream_body_timeout.unwrap_or(self.upstream_timeout)
+    }
 }
 
 /// `[admin]`: health, readiness and metrics, on a listener of their own.
@@ -235,6 +248,24 @@ impl<'de> Deserialize<'de> for MethodValue {
     }
 }
 
+/// A response status, checked when the file is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusValue(pub StatusCode);
+
+impl<'de> Deserialize<'de> for StatusValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let code = u16::deserialize(deserializer)?;
+        (100..=599)
+            .contains(&code)
+            .then(|| StatusCode::from_u16(code).ok())
+            .flatten()
+            .map(Self)
+            .ok_or_else(|| {
+                serde::de::Error::custom(format!("{code} is not an HTTP status (100 to 599)"))
+            })
+    }
+}
+
 /// A path pattern, checked when the file is read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PatternValue(pub PathPattern);
@@ -323,6 +354,13 @@ policy_fields! {
     /// Most keyed requests one caller (per `scope_headers`) may have in progress in this proxy;
     /// more get `429`. `0`: no limit. Default `100`.
     max_in_flight_per_caller: usize,
+    /// Longest time a covered request's body may take to arrive; slower ones get `408` and
+    /// nothing runs. Default `30s`.
+    #[serde(with = "humantime_serde")]
+    body_read_timeout: Duration,
+    /// Statuses delivered but never stored (the retry runs again), besides every `5xx`, which is
+    /// never stored either. Default `[408, 425, 429]`.
+    never_store: Vec<StatusValue>,
 }
 
 mod defaults {
@@ -585,6 +623,7 @@ impl Config {
         }
         for (key, value) in [
             ("upstream_timeout", self.proxy.upstream_timeout),
+            ("upstream_body_timeout", self.proxy.upstream_body_timeout()),
             ("connect_timeout", self.proxy.connect_timeout),
             ("header_read_timeout", self.proxy.header_read_timeout),
         ] {
@@ -846,6 +885,12 @@ fn policy_from(fields: &PolicyConfig) -> Result<Policy, tower_idempotency::polic
     if let Some(limit) = fields.max_in_flight_per_caller {
         policy.max_in_flight_per_caller = limit;
     }
+    if let Some(timeout) = fields.body_read_timeout {
+        policy.body_read_timeout = timeout;
+    }
+    if let Some(statuses) = &fields.never_store {
+        policy.never_store = statuses.iter().map(|status| status.0).collect();
+    }
     policy.validate()?;
     Ok(policy)
 }
@@ -1081,6 +1126,10 @@ upstream = "http://127.0.0.1:3000"
                 "idempotency.scope_headers",
             ),
             ("[store]\nbackend = \"mysql\"", "store.backend"),
+            (
+                "[idempotency]\nnever_store = [429, 1000]",
+                "idempotency.never_store",
+            ),
             ("[[route]]\npath = \"payments/**\"", "route[0].path"),
         ] {
             let (key, line, message) = error(&format!("{MINIMAL}\n{snippet}\n"));
@@ -1120,11 +1169,41 @@ upstream = "http://127.0.0.1:3000"
                 9,
             ),
             ("[store]\nbackend = \"redis-cluster\"", "store.urls", 6),
+            (
+                "[[route]]\npath = \"/a\"\nbody_read_timeout = \"0s\"",
+                "route[0].body_read_timeout",
+                8,
+            ),
         ] {
             let (key, got_line, message) = error(&format!("{MINIMAL}\n{snippet}\n"));
             assert_eq!(key.as_deref(), Some(expected_key), "{message}");
             assert_eq!(got_line, Some(line), "{message}");
         }
+    }
+
+    #[test]
+    fn body_timeouts_and_never_store_have_defaults_and_overrides() {
+        let config = parse(&format!(
+            "{MINIMAL}upstream_timeout = \"7s\"\n\n[[route]]\npath = \"/a\"\nnever_store = [503]\nbody_read_timeout = \"2s\"\n"
+        ))
+        .expect("config");
+        assert_eq!(
+            config.proxy.upstream_body_timeout(),
+            Duration::from_secs(7),
+            "defaults to upstream_timeout"
+        );
+        let routes = config.routes().expect("routes");
+        let route = routes.policy_for("/a");
+        assert_eq!(route.never_store, vec![StatusCode::SERVICE_UNAVAILABLE]);
+        assert_eq!(route.body_read_timeout, Duration::from_secs(2));
+        let default = routes.policy_for("/b");
+        assert_eq!(default.never_store, Policy::default().never_store);
+        let (key, _, message) = error(&format!("{MINIMAL}upstream_body_timeout = \"0s\"\n"));
+        assert_eq!(
+            key.as_deref(),
+            Some("proxy.upstream_body_timeout"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //! ```
 
 pub mod admin;
+pub mod body_timeout;
 pub mod config;
 pub mod report;
 pub mod server;

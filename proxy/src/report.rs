@@ -112,6 +112,20 @@ fn describe_policy(out: &mut String, policy: &Policy) {
             bytesize::ByteSize(policy.max_response_body as u64).to_string(),
         ),
         ("retry_after", duration(policy.retry_after)),
+        ("body_read_timeout", duration(policy.body_read_timeout)),
+        (
+            "never_store",
+            format!(
+                "{} and every 5xx",
+                list(
+                    policy
+                        .never_store
+                        .iter()
+                        .map(|status| status.as_str().to_owned())
+                        .collect()
+                )
+            ),
+        ),
         (
             "max_in_flight",
             match policy.max_in_flight_per_caller {
@@ -163,5 +177,9 @@ mod tests {
         assert!(payments < feed);
         assert!(text.contains("disabled"));
         assert!(text.contains("2days"), "{text}");
+        assert!(
+            text.contains("never_store          408, 425, 429 and every 5xx"),
+            "{text}"
+        );
     }
 }

@@ -22,6 +22,7 @@ use tower_idempotency::headers::remove_hop_by_hop;
 use tower_idempotency::problem::{Problem, ProblemKind};
 use tower_idempotency::{OutcomeUnknown, RequestBody};
 
+use crate::body_timeout::IdleTimeout;
 use crate::config::ProxyConfig;
 use crate::telemetry;
 
@@ -29,8 +30,9 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// The body of a response from [`Upstream`]: the upstream's own, or a problem answer.
-pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
+/// The body of a response from [`Upstream`]: the upstream's own (failing when it stalls past
+/// `upstream_body_timeout`), or a problem answer.
+pub type UpstreamBody = Either<IdleTimeout<Incoming>, Full<Bytes>>;
 
 /// The address of the client a request came from, set per connection.
 #[derive(Debug, Clone)]
@@ -64,6 +66,8 @@ struct Target {
     /// Path prefix of the upstream URL without its trailing slash ("" for none).
     base_path: String,
     timeout: Duration,
+    /// Longest silence between two frames of a response body.
+    body_timeout: Duration,
     preserve_host: bool,
 }
 
@@ -95,6 +99,7 @@ impl Upstream {
                 host,
                 base_path: upstream.path().trim_end_matches('/').to_owned(),
                 timeout: config.upstream_timeout,
+                body_timeout: config.upstream_body_timeout(),
                 preserve_host: config.preserve_host,
             }),
         }
@@ -128,7 +133,8 @@ impl Upstream {
             Ok(Ok(mut response)) => {
                 telemetry::upstream_call(started.elapsed(), response.status().as_u16());
                 remove_hop_by_hop(response.headers_mut());
-                response.map(Either::Left)
+                let body_timeout = self.target.body_timeout;
+                response.map(|body| Either::Left(IdleTimeout::new(body, body_timeout)))
             }
             Ok(Err(error)) => {
                 telemetry::upstream_call(started.elapsed(), 502);
@@ -263,6 +269,7 @@ mod tests {
                 .expect("host"),
             base_path: uri.path().trim_end_matches('/').to_owned(),
             timeout: Duration::from_secs(1),
+            body_timeout: Duration::from_secs(1),
             preserve_host,
         }
     }
