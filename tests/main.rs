@@ -11,6 +11,7 @@
 
 mod support;
 
+mod body_lifecycle;
 mod proxy;
 mod redis;
 mod stores;

@@ -5,6 +5,7 @@
     reason = "each test module uses a different part of the fixtures"
 )]
 
+pub mod raw;
 pub mod upstream;
 
 use std::io::{BufRead, BufReader};
