@@ -32,7 +32,7 @@
 //!    policy's scope headers (`Authorization`), or whatever [`IdempotencyLayer::scope_with`] says.
 //!    Two callers never see each other's responses, and no raw credential or key is stored.
 //! 3. **Body.** The body is buffered up to `max_request_body` (else `413`; nothing is stored or
-//!    run) and handed on without another copy.
+//!    run) within `body_read_timeout` (else `408`) and handed on without another copy.
 //! 4. **Fingerprint.** sha256 of method, path and query, configured headers and body.
 //! 5. **Begin.** One store call: a new lease, or a replay of the completed response (with
 //!    `Idempotent-Replayed: true`), or `422` if the key was used for a different request, or, if
@@ -41,11 +41,14 @@
 //! 6. **Run.** The inner service runs, renewing the lease every `lock_ttl / 3`. A client that
 //!    disconnects does not cancel it: the unfinished request moves to a task of its own, and its
 //!    response is stored for the retry.
-//! 7. **Finish.** A response below 500 whose body fits `max_response_body` is stored for `ttl`,
+//! 7. **Finish.** A response below 500, not in `never_store` (default `408`, `425`, `429`), whose
+//!    body fits `max_response_body` is stored for `ttl`,
 //!    fenced by the lease token (a holder that lost its lease cannot overwrite the new holder's
 //!    result). Otherwise the lease is released so a retry runs again; the client gets the whole
 //!    response either way, streamed. A response marked [`OutcomeUnknown`] (an upstream timeout:
-//!    the operation may still be running) keeps the lease until `lock_ttl` instead.
+//!    the operation may still be running) keeps the lease until `lock_ttl` instead, and so does a
+//!    response whose body fails after the head (see [`BodyTimeout`]). A streamed response's
+//!    frames go on as they arrive; only its end waits until the record is stored.
 //! 8. **Store failure.** [`OnStoreError::Reject`] answers `503` (never risk a second execution);
 //!    [`OnStoreError::Forward`] runs the request unprotected.
 //!
