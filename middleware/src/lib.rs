@@ -83,8 +83,8 @@ pub mod store;
 pub mod telemetry;
 
 pub use idempotency::{
-    Idempotency, IdempotencyLayer, OutcomeUnknown, RequestBody, ResponseBody, ResponseFuture,
-    ScopeFn,
+    Idempotency, IdempotencyLayer, LeasesInFlight, OutcomeUnknown, RequestBody, ResponseBody,
+    ResponseFuture, ScopeFn,
 };
 pub use policy::{OnConflict, OnStoreError, PathPattern, Policy, Routes};
 pub use record::StoredResponse;

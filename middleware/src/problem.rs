@@ -41,6 +41,11 @@
 //!
 //! # upstream-timeout
 //! `504` (proxy): the upstream did not answer within the proxy's upstream timeout.
+//!
+//! # upgrade-not-allowed
+//! `400`: the request asks to switch protocols (`Upgrade`, e.g. WebSocket) with a method the
+//! route covers; a protocol switch can be neither stored nor replayed. Open upgraded connections
+//! with a method the route does not cover (usually `GET`). Nothing was forwarded.
 
 use std::time::Duration;
 
@@ -76,6 +81,8 @@ pub enum ProblemKind {
     UpstreamUnavailable,
     /// `504`, see [the module docs](self#upstream-timeout).
     UpstreamTimeout,
+    /// `400`, see [the module docs](self#upgrade-not-allowed).
+    UpgradeNotAllowed,
 }
 
 impl ProblemKind {
@@ -93,15 +100,18 @@ impl ProblemKind {
             Self::InvalidTarget => "invalid-target",
             Self::UpstreamUnavailable => "upstream-unavailable",
             Self::UpstreamTimeout => "upstream-timeout",
+            Self::UpgradeNotAllowed => "upgrade-not-allowed",
         }
     }
 
     /// The HTTP status of this kind.
     pub fn status(self) -> StatusCode {
         match self {
-            Self::MissingKey | Self::InvalidKey | Self::InvalidBody | Self::InvalidTarget => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::MissingKey
+            | Self::InvalidKey
+            | Self::InvalidBody
+            | Self::InvalidTarget
+            | Self::UpgradeNotAllowed => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::InFlight => StatusCode::CONFLICT,
@@ -126,6 +136,7 @@ impl ProblemKind {
             Self::InvalidTarget => "Request target cannot be forwarded",
             Self::UpstreamUnavailable => "Upstream unavailable",
             Self::UpstreamTimeout => "Upstream timed out",
+            Self::UpgradeNotAllowed => "Protocol upgrade not allowed on a covered method",
         }
     }
 

@@ -6,9 +6,11 @@ mod body;
 mod callers;
 mod future;
 mod layer;
+mod leases;
 mod service;
 
 pub use body::{RequestBody, ResponseBody};
 pub use future::ResponseFuture;
 pub use layer::{IdempotencyLayer, ScopeFn};
+pub use leases::LeasesInFlight;
 pub use service::{Idempotency, OutcomeUnknown};
