@@ -495,7 +495,12 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text, |name| std::env::var(name).ok()).map_err(|error| match error {
+        Self::parse_file(path, &text)
+    }
+
+    /// Parses, expands and validates `text`, read from the file at `path` (which errors name).
+    pub fn parse_file(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        Self::parse(text, |name| std::env::var(name).ok()).map_err(|error| match error {
             ConfigError::Invalid {
                 key, line, message, ..
             } => ConfigError::Invalid {

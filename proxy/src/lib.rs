@@ -21,6 +21,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod reload;
 pub mod report;
 pub mod server;
 pub mod store;
