@@ -11,6 +11,9 @@
 
 mod support;
 
+mod http2_upstream;
+mod lifecycle;
 mod proxy;
 mod redis;
 mod stores;
+mod upgrade;
