@@ -12,6 +12,9 @@
 mod support;
 
 mod body_lifecycle;
+mod http2_upstream;
+mod lifecycle;
 mod proxy;
 mod redis;
 mod stores;
+mod upgrade;

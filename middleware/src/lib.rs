@@ -86,7 +86,8 @@ pub mod store;
 pub mod telemetry;
 
 pub use idempotency::{
-    BodyTimeout, Idempotency, IdempotencyLayer, OutcomeUnknown, RequestBody, ResponseBody,
+    BodyTimeout, Idempotency, IdempotencyLayer, LeasesInFlight, OutcomeUnknown, RequestBody,
+    ResponseBody,
     ResponseFuture, ScopeFn,
 };
 pub use policy::{OnConflict, OnStoreError, PathPattern, Policy, Routes};

@@ -50,6 +50,11 @@
 //! and layer) a response body that stalled past its idle timeout (`upstream_body_timeout`, a
 //! [`BodyTimeout`](crate::BodyTimeout) error) before the response head was sent: the key stays
 //! locked until `lock_ttl`.
+//!
+//! # upgrade-not-allowed
+//! `400`: the request asks to switch protocols (`Upgrade`, e.g. WebSocket) with a method the
+//! route covers; a protocol switch can be neither stored nor replayed. Open upgraded connections
+//! with a method the route does not cover (usually `GET`). Nothing was forwarded.
 
 use std::time::Duration;
 
@@ -87,6 +92,8 @@ pub enum ProblemKind {
     UpstreamUnavailable,
     /// `504`, see [the module docs](self#upstream-timeout).
     UpstreamTimeout,
+    /// `400`, see [the module docs](self#upgrade-not-allowed).
+    UpgradeNotAllowed,
 }
 
 impl ProblemKind {
@@ -105,15 +112,18 @@ impl ProblemKind {
             Self::InvalidTarget => "invalid-target",
             Self::UpstreamUnavailable => "upstream-unavailable",
             Self::UpstreamTimeout => "upstream-timeout",
+            Self::UpgradeNotAllowed => "upgrade-not-allowed",
         }
     }
 
     /// The HTTP status of this kind.
     pub fn status(self) -> StatusCode {
         match self {
-            Self::MissingKey | Self::InvalidKey | Self::InvalidBody | Self::InvalidTarget => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::MissingKey
+            | Self::InvalidKey
+            | Self::InvalidBody
+            | Self::InvalidTarget
+            | Self::UpgradeNotAllowed => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyReadTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
@@ -140,6 +150,7 @@ impl ProblemKind {
             Self::InvalidTarget => "Request target cannot be forwarded",
             Self::UpstreamUnavailable => "Upstream unavailable",
             Self::UpstreamTimeout => "Upstream timed out",
+            Self::UpgradeNotAllowed => "Protocol upgrade not allowed on a covered method",
         }
     }
 

@@ -773,3 +773,64 @@ async fn a_begin_abandoned_by_the_store_timeout_does_not_leave_the_key_locked() 
     assert_eq!(retry.status, StatusCode::CREATED, "{retry:?}");
     assert_eq!(app.counters.runs(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replaced_routes_apply_to_the_next_requests_of_a_running_app() {
+    let layer = memory();
+    let handle = layer.clone();
+    let app = App::start(layer).await;
+    let unkeyed = || app.client.post(format!("{}/payments", app.base)).body("x");
+    assert_eq!(app.send(unkeyed()).await.status, StatusCode::CREATED);
+
+    handle.replace_routes(tower_idempotency::Routes::new(
+        Policy::default().with_required(true),
+    ));
+    assert!(handle.routes_in_effect().default_policy().required);
+    let refused = app.send(unkeyed()).await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert_eq!(refused.problem_type(), "missing-key");
+    assert_eq!(app.counters.runs(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn leases_in_flight_counts_a_detached_request_until_it_is_stored() {
+    let layer = memory();
+    let leases = layer.leases_in_flight();
+    let app = App::start(layer).await;
+    let gave_up = app
+        .post("/payments?ms=600", "detached")
+        .body("5 EUR")
+        .timeout(Duration::from_millis(150))
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "the client must time out and disconnect");
+    assert_eq!(
+        leases.count(),
+        1,
+        "the detached request still holds its lease"
+    );
+    tokio::time::timeout(Duration::from_secs(5), leases.idle())
+        .await
+        .expect("the lease settles once the response is stored");
+    assert_eq!(app.counters.runs(), 1);
+    let retry = app
+        .send(app.post("/payments?ms=600", "detached").body("5 EUR"))
+        .await;
+    assert!(retry.replayed(), "{retry:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upgrade_on_a_covered_method_is_refused_before_the_handler() {
+    let app = App::start(memory()).await;
+    let refused = app
+        .send(
+            app.post("/payments", "upgrade")
+                .header("connection", "upgrade")
+                .header("upgrade", "websocket")
+                .body("x"),
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert_eq!(refused.problem_type(), "upgrade-not-allowed");
+    assert_eq!(app.counters.runs(), 0);
+}

@@ -63,8 +63,8 @@ pub struct ProxyConfig {
     /// Longest time a client may take to send its request head; slower clients are disconnected.
     #[serde(default = "defaults::header_read_timeout", with = "humantime_serde")]
     pub header_read_timeout: Duration,
-    /// On SIGTERM or SIGINT, how long in-flight requests may take to finish before the proxy
-    /// exits anyway.
+    /// On SIGTERM or SIGINT, how long in-flight requests (those whose client left included) may
+    /// take to finish and be stored before the proxy exits anyway.
     #[serde(default = "defaults::shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
     /// How long an idle upstream connection is kept in the pool.
@@ -73,10 +73,12 @@ pub struct ProxyConfig {
     /// Most idle upstream connections kept in the pool.
     #[serde(default = "defaults::pool_max_idle")]
     pub pool_max_idle: usize,
-    /// Speak HTTP/2 without TLS (h2c, prior knowledge) to the upstream instead of HTTP/1.1.
+    /// Speak HTTP/2 without TLS (h2c, prior knowledge) to the upstream instead of HTTP/1.1. The
+    /// host then travels as `:authority` only, and upgrades (WebSocket) cannot pass.
     #[serde(default)]
     pub upstream_http2: bool,
-    /// Forward the client's `Host` header instead of the upstream's authority.
+    /// Forward the client's `Host` header instead of the upstream's authority (over HTTP/2, the
+    /// client's host becomes `:authority`; the proxy still connects to `upstream`).
     #[serde(default)]
     pub preserve_host: bool,
     /// Threads serving requests; absent: one per CPU core. A sidecar sharing its machine with the
@@ -533,7 +535,12 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text, |name| std::env::var(name).ok()).map_err(|error| match error {
+        Self::parse_file(path, &text)
+    }
+
+    /// Parses, expands and validates `text`, read from the file at `path` (which errors name).
+    pub fn parse_file(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        Self::parse(text, |name| std::env::var(name).ok()).map_err(|error| match error {
             ConfigError::Invalid {
                 key, line, message, ..
             } => ConfigError::Invalid {

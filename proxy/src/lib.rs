@@ -22,6 +22,7 @@
 pub mod admin;
 pub mod body_timeout;
 pub mod config;
+pub mod reload;
 pub mod report;
 pub mod server;
 pub mod store;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use idempotency_proxy::config::Config;
+use idempotency_proxy::reload::ConfigFile;
 use idempotency_proxy::{report, server, store, telemetry};
 
 /// A reverse proxy that runs each keyed POST once and replays its response to retries.
@@ -35,8 +35,8 @@ fn main() -> ExitCode {
         eprintln!("error: --config PATH is required (see examples/proxy.toml)");
         return ExitCode::from(2);
     };
-    let config = match Config::load(&path) {
-        Ok(config) => config,
+    let (config, file) = match ConfigFile::load(&path) {
+        Ok(loaded) => loaded,
         Err(error) => {
             eprintln!("error: {error}");
             return ExitCode::from(2);
@@ -66,7 +66,7 @@ fn main() -> ExitCode {
             }
         }),
         Command::Run => runtime_block_on(config.proxy.worker_threads, async {
-            match server::run(config, server::shutdown_signal()).await {
+            match server::run_reloading(config, file, server::shutdown_signal()).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     eprintln!("error: {error}");

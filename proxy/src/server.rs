@@ -1,9 +1,11 @@
-//! Running the proxy: listeners, connections, graceful shutdown.
+//! Running the proxy: listeners, connections, configuration reloads, graceful shutdown.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Instant;
+
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use http::Request;
 use hyper::body::Incoming;
@@ -16,6 +18,7 @@ use tower_idempotency::IdempotencyLayer;
 
 use crate::admin;
 use crate::config::Config;
+use crate::reload::ConfigFile;
 use crate::store::{self, OpenError};
 use crate::telemetry;
 use crate::upstream::{ClientAddr, Upstream};
@@ -43,11 +46,31 @@ pub enum StartError {
 }
 
 /// Runs the proxy described by `config` until `shutdown` resolves, then drains in-flight
-/// requests for up to `proxy.shutdown_timeout`.
+/// requests for up to `proxy.shutdown_timeout`: it waits for open connections to finish their
+/// requests and for every lease to settle, including requests whose client left (they run on
+/// tasks of their own), so that their responses are stored before the proxy exits.
 ///
 /// Prints `listening on http://ADDR` (and `admin listening on http://ADDR`) to stdout once the
 /// listeners are bound, so that a supervisor or a test can find ports chosen by the system.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    serve(config, None, shutdown).await
+}
+
+/// [`run`], and on SIGHUP reads `file` again and applies its policies and routes (see
+/// [`crate::reload`]); an invalid file is logged, naming the key and line, and changes nothing.
+pub async fn run_reloading(
+    config: Config,
+    file: ConfigFile,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    serve(config, Some(file), shutdown).await
+}
+
+async fn serve(
+    config: Config,
+    file: Option<ConfigFile>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
     let routes = config.routes()?;
     let store = store::open(&config.store).await?;
     let metrics = telemetry::install_metrics().map_err(StartError::Metrics)?;
@@ -57,6 +80,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .store_timeout(config.store.timeout)
         .poll_interval(config.store.poll_interval);
     let service = layer.layer(Upstream::new(&config.upstream(), &config.proxy));
+    // Installed before the listeners announce themselves: until then SIGHUP would kill.
+    let mut hangups = file
+        .as_ref()
+        .and_then(|_| match signal(SignalKind::hangup()) {
+            Ok(hangups) => Some(hangups),
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGHUP; reloads are unavailable");
+                None
+            }
+        });
 
     let listener = bind(config.proxy.listen).await?;
     let proxy_addr = local_addr(&listener, config.proxy.listen);
@@ -110,6 +143,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     loop {
         let (stream, peer) = tokio::select! {
             () = &mut shutdown => break,
+            Some(()) = hangup(&mut hangups) => {
+                if let Some(file) = &file {
+                    reload(file, &layer);
+                }
+                continue;
+            }
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
@@ -145,7 +184,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 Ok::<_, Infallible>(response)
             }
         });
-        let connection = connections.serve_connection(TokioIo::new(stream), handler);
+        // With upgrades: a WebSocket handshake the layer lets through becomes a tunnel.
+        let connection = connections.serve_connection_with_upgrades(TokioIo::new(stream), handler);
         let connection = graceful.watch(connection.into_owned());
         tokio::spawn(async move {
             if let Err(error) = connection.await {
@@ -155,14 +195,28 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
 
     drop(listener);
+    let leases = layer.leases_in_flight();
     tracing::info!(
         connections = graceful.count(),
+        leases = leases.count(),
         timeout = ?config.proxy.shutdown_timeout,
         "shutting down: draining in-flight requests"
     );
-    let drained = tokio::time::timeout(config.proxy.shutdown_timeout, graceful.shutdown()).await;
-    if drained.is_err() {
-        tracing::warn!("shutdown timeout reached with requests still in flight");
+    // Connections first (no new request can take a lease once they are gone), then the leases
+    // of requests whose clients left, which no connection waits for any more.
+    let drain = async {
+        graceful.shutdown().await;
+        leases.idle().await;
+    };
+    if tokio::time::timeout(config.proxy.shutdown_timeout, drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            leases = leases.count(),
+            "shutdown timeout reached with requests still in flight; their keys stay locked \
+             until lock_ttl passes"
+        );
     }
     let _ = stop_admin.send(true);
     if let Some(task) = admin_task {
@@ -180,6 +234,40 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 
 fn local_addr(listener: &TcpListener, configured: SocketAddr) -> SocketAddr {
     listener.local_addr().unwrap_or(configured)
+}
+
+/// The next SIGHUP, or never without a handler.
+async fn hangup(hangups: &mut Option<Signal>) -> Option<()> {
+    match hangups {
+        Some(hangups) => hangups.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Applies the file's policies and routes to new requests, or keeps the running ones if the file
+/// is invalid.
+fn reload<St>(file: &ConfigFile, layer: &IdempotencyLayer<St>)
+where
+    St: tower_idempotency::IdempotencyStore,
+{
+    tracing::info!(path = %file.path().display(), "SIGHUP received: reloading the configuration");
+    match file.reload() {
+        Ok(reloaded) => {
+            layer.replace_routes(reloaded.routes);
+            telemetry::config_reload(true);
+            for key in &reloaded.needs_restart {
+                tracing::warn!(
+                    key = key.as_str(),
+                    "`{key}` changed but only takes effect after a restart; the running value stays"
+                );
+            }
+            tracing::info!("configuration reloaded: policies and routes apply to new requests");
+        }
+        Err(error) => {
+            telemetry::config_reload(false);
+            tracing::error!("configuration reload failed, keeping the running one: {error}");
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

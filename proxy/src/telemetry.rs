@@ -13,6 +13,8 @@ pub const UPSTREAM_DURATION_SECONDS: &str = "idempotency_proxy_upstream_duration
 pub const RESPONSES_TOTAL: &str = "idempotency_proxy_responses_total";
 /// Counter of readiness probes that found the store unreachable.
 pub const READINESS_FAILURES_TOTAL: &str = "idempotency_proxy_readiness_failures_total";
+/// Counter of configuration reloads (SIGHUP), by `result`: `ok` or `failed`.
+pub const CONFIG_RELOADS_TOTAL: &str = "idempotency_config_reloads_total";
 
 /// Seconds buckets from half a millisecond to a minute.
 const LATENCY_BUCKETS: [f64; 16] = [
@@ -56,6 +58,11 @@ pub fn install_metrics() -> Result<PrometheusHandle, String> {
         Unit::Count,
         "Readiness probes that found the idempotency store unreachable"
     );
+    describe_counter!(
+        CONFIG_RELOADS_TOTAL,
+        Unit::Count,
+        "Configuration reloads on SIGHUP, by result (ok: routes applied; failed: old ones kept)"
+    );
     // Histograms are folded into their buckets by upkeep; without it they grow until rendered.
     let upkeep = handle.clone();
     tokio::spawn(async move {
@@ -88,6 +95,7 @@ struct Handles {
     upstream_durations: [Histogram; CLASSES.len()],
     responses: [Counter; CLASSES.len()],
     readiness_failures: Counter,
+    config_reloads: [Counter; 2],
 }
 
 static HANDLES: OnceLock<Handles> = OnceLock::new();
@@ -98,6 +106,8 @@ fn register_handles() {
             .map(|class| histogram!(UPSTREAM_DURATION_SECONDS, "status" => class)),
         responses: CLASSES.map(|class| counter!(RESPONSES_TOTAL, "status" => class)),
         readiness_failures: counter!(READINESS_FAILURES_TOTAL),
+        config_reloads: ["ok", "failed"]
+            .map(|result| counter!(CONFIG_RELOADS_TOTAL, "result" => result)),
     });
 }
 
@@ -116,5 +126,11 @@ pub(crate) fn response(status: u16) {
 pub(crate) fn readiness_failure() {
     if let Some(handles) = HANDLES.get() {
         handles.readiness_failures.increment(1);
+    }
+}
+
+pub(crate) fn config_reload(ok: bool) {
+    if let Some(handles) = HANDLES.get() {
+        handles.config_reloads[usize::from(!ok)].increment(1);
     }
 }

@@ -1,5 +1,6 @@
 //! Forwarding to the upstream service: a pooled keep-alive hyper client, hop-by-hop header
-//! removal both ways, `X-Forwarded-*`, and `502`/`504` problem answers.
+//! removal both ways, `X-Forwarded-*`, `502`/`504` problem answers, and protocol upgrades
+//! (WebSocket) tunnelled both ways.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -9,14 +10,16 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{HOST, HeaderValue};
+use http::header::{CONNECTION, HOST, HeaderValue, UPGRADE};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderName, Request, Response, Uri};
+use http::{HeaderMap, HeaderName, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
 use tower::Service;
 use tower_idempotency::headers::remove_hop_by_hop;
 use tower_idempotency::problem::{Problem, ProblemKind};
@@ -55,7 +58,7 @@ impl ClientAddr {
 /// A service that forwards requests to the upstream.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpConnector, RequestBody<Incoming>>,
+    client: Client<UpstreamConnector, RequestBody<Incoming>>,
     target: Arc<Target>,
 }
 
@@ -69,6 +72,8 @@ struct Target {
     /// Longest silence between two frames of a response body.
     body_timeout: Duration,
     preserve_host: bool,
+    /// HTTP/2 carries the host as `:authority` only.
+    http2: bool,
 }
 
 impl Upstream {
@@ -84,7 +89,10 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .http2_only(config.upstream_http2)
-            .build(connector);
+            .build(UpstreamConnector {
+                http: connector,
+                upstream: upstream.clone(),
+            });
         let authority = upstream
             .authority()
             .cloned()
@@ -101,6 +109,7 @@ impl Upstream {
                 timeout: config.upstream_timeout,
                 body_timeout: config.upstream_body_timeout(),
                 preserve_host: config.preserve_host,
+                http2: config.upstream_http2,
             }),
         }
     }
@@ -122,7 +131,19 @@ impl Service<Request<RequestBody<Incoming>>> for Upstream {
 }
 
 impl Upstream {
-    async fn forward(self, request: Request<RequestBody<Incoming>>) -> Response<UpstreamBody> {
+    async fn forward(self, mut request: Request<RequestBody<Incoming>>) -> Response<UpstreamBody> {
+        // The idempotency layer refuses upgrades on the methods it covers: what arrives here with
+        // one is a request the layer passes through untouched, as any reverse proxy would.
+        let client_side = is_upgrade(request.version(), request.headers())
+            .then(|| hyper::upgrade::on(&mut request));
+        if client_side.is_some() && self.target.http2 {
+            let problem = Problem::new(
+                ProblemKind::UpgradeNotAllowed,
+                "the proxy speaks HTTP/2 to its upstream (upstream_http2), where a connection \
+                 cannot switch protocols",
+            );
+            return problem.into_response(problem_body);
+        }
         let request = match self.target.rewrite(request) {
             Ok(request) => request,
             Err(problem) => return problem.into_response(problem_body),
@@ -132,7 +153,15 @@ impl Upstream {
         match outcome {
             Ok(Ok(mut response)) => {
                 telemetry::upstream_call(started.elapsed(), response.status().as_u16());
+                let protocol = response.headers().get(UPGRADE).cloned();
                 remove_hop_by_hop(response.headers_mut());
+                if let (Some(client_side), Some(protocol)) = (client_side, protocol)
+                    && response.status() == StatusCode::SWITCHING_PROTOCOLS
+                {
+                    keep_upgrade(response.headers_mut(), protocol);
+                    let upstream_side = hyper::upgrade::on(&mut response);
+                    tokio::spawn(tunnel(client_side, upstream_side));
+                }
                 let body_timeout = self.target.body_timeout;
                 response.map(|body| Either::Left(IdleTimeout::new(body, body_timeout)))
             }
@@ -202,7 +231,13 @@ impl Target {
         .map_err(|_| invalid_target())?;
 
         let headers = &mut parts.headers;
+        let protocol = is_upgrade(parts.version, headers)
+            .then(|| headers.get(UPGRADE).cloned())
+            .flatten();
         remove_hop_by_hop(headers);
+        if let Some(protocol) = protocol {
+            keep_upgrade(headers, protocol);
+        }
         let original_host = headers.get(HOST).cloned();
         if let Some(client) = parts.extensions.get::<ClientAddr>() {
             let forwarded_for = match headers.get(&X_FORWARDED_FOR) {
@@ -223,12 +258,87 @@ impl Target {
         if let Some(host) = &original_host {
             headers.insert(X_FORWARDED_HOST.clone(), host.clone());
         }
-        if !self.preserve_host || original_host.is_none() {
+        if self.http2 {
+            // HTTP/2 carries the host as `:authority`, made from the URI's authority; a `Host`
+            // beside it is a duplicate some servers refuse (nginx before 1.29 answers 400, see
+            // hyperium/hyper#3298). With preserve_host the client's host becomes the authority
+            // (the connector still dials the upstream).
+            headers.remove(HOST);
+            if self.preserve_host
+                && let Some(host) = original_host.as_ref().and_then(as_authority)
+            {
+                let mut uri = std::mem::take(&mut parts.uri).into_parts();
+                uri.authority = Some(host);
+                parts.uri = Uri::from_parts(uri).map_err(|_| invalid_target())?;
+            }
+        } else if !self.preserve_host || original_host.is_none() {
             headers.insert(HOST, self.host.clone());
         }
         // The proxy speaks to the upstream in its own HTTP version, whatever the client used.
         parts.version = http::Version::HTTP_11;
         Ok(Request::from_parts(parts, body))
+    }
+}
+
+/// An HTTP/1.1 request asking to switch protocols: `Upgrade` and `Connection: upgrade`.
+fn is_upgrade(version: Version, headers: &HeaderMap) -> bool {
+    version == Version::HTTP_11
+        && headers.contains_key(UPGRADE)
+        && headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .any(|option| option.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Puts back the two hop-by-hop headers an upgrade needs on the next hop.
+fn keep_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(UPGRADE, protocol);
+    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+}
+
+/// Copies bytes both ways between the client's and the upstream's upgraded connections until
+/// either side closes.
+async fn tunnel(client_side: OnUpgrade, upstream_side: OnUpgrade) {
+    let (client, upstream) = match tokio::try_join!(client_side, upstream_side) {
+        Ok(both) => both,
+        Err(error) => {
+            tracing::debug!(%error, "protocol upgrade failed");
+            return;
+        }
+    };
+    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok((sent, received)) => tracing::debug!(sent, received, "upgraded connection closed"),
+        Err(error) => tracing::debug!(%error, "upgraded connection ended with an error"),
+    }
+}
+
+fn as_authority(host: &HeaderValue) -> Option<Authority> {
+    Authority::try_from(host.as_bytes()).ok()
+}
+
+/// Dials the upstream whatever authority a request's URI names: over HTTP/2 the URI's authority
+/// is what the upstream sees as the host, and with preserve_host it is the client's.
+#[derive(Clone)]
+struct UpstreamConnector {
+    http: HttpConnector,
+    upstream: Uri,
+}
+
+impl Service<Uri> for UpstreamConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.http.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, _requested: Uri) -> Self::Future {
+        let connecting = self.http.call(self.upstream.clone());
+        Box::pin(async move { connecting.await.map_err(Into::into) })
     }
 }
 
@@ -271,6 +381,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             body_timeout: Duration::from_secs(1),
             preserve_host,
+            http2: false,
         }
     }
 
@@ -313,5 +424,36 @@ mod tests {
             .expect("rewrite");
         assert_eq!(rewritten.uri(), "http://127.0.0.1:3000/pay?x=1");
         assert_eq!(rewritten.headers()["host"], "public.example");
+    }
+
+    #[test]
+    fn over_http2_the_host_travels_as_the_authority_only() {
+        let mut upstream = target("http://127.0.0.1:3000", false);
+        upstream.http2 = true;
+        let rewritten = upstream.rewrite(request()).expect("rewrite");
+        assert!(!rewritten.headers().contains_key("host"));
+        assert_eq!(rewritten.uri(), "http://127.0.0.1:3000/pay?x=1");
+
+        let mut preserving = target("http://127.0.0.1:3000", true);
+        preserving.http2 = true;
+        let rewritten = preserving.rewrite(request()).expect("rewrite");
+        assert!(!rewritten.headers().contains_key("host"));
+        assert_eq!(rewritten.uri(), "http://public.example/pay?x=1");
+    }
+
+    #[test]
+    fn an_upgrade_keeps_its_handshake_headers() {
+        let mut upgrade = request();
+        let headers = upgrade.headers_mut();
+        headers.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        headers.insert("upgrade", HeaderValue::from_static("websocket"));
+        let rewritten = target("http://127.0.0.1:3000", false)
+            .rewrite(upgrade)
+            .expect("rewrite");
+        assert_eq!(rewritten.headers()["upgrade"], "websocket");
+        assert_eq!(rewritten.headers()["connection"], "upgrade");
     }
 }

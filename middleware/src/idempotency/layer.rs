@@ -1,5 +1,5 @@
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use http::request::Parts;
@@ -7,6 +7,7 @@ use tower::Layer;
 
 use super::Idempotency;
 use super::callers::Callers;
+use super::leases::LeasesInFlight;
 use crate::policy::{PathPattern, Policy, Routes};
 use crate::scope::Scope;
 use crate::store::IdempotencyStore;
@@ -39,7 +40,8 @@ pub struct IdempotencyLayer<St> {
 pub(crate) struct Shared<St> {
     pub(crate) store: Arc<St>,
     pub(crate) callers: Arc<Callers>,
-    pub(crate) routes: Routes,
+    pub(crate) routes: Arc<RoutesCell>,
+    pub(crate) leases: LeasesInFlight,
     pub(crate) scope: Option<ScopeFn>,
     pub(crate) store_timeout: Duration,
     pub(crate) poll_interval: Duration,
@@ -51,6 +53,7 @@ impl<St> Clone for Shared<St> {
             store: self.store.clone(),
             callers: self.callers.clone(),
             routes: self.routes.clone(),
+            leases: self.leases.clone(),
             scope: self.scope.clone(),
             store_timeout: self.store_timeout,
             poll_interval: self.poll_interval,
@@ -69,7 +72,7 @@ impl<St> Clone for IdempotencyLayer<St> {
 impl<St> fmt::Debug for IdempotencyLayer<St> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IdempotencyLayer")
-            .field("routes", &self.shared.routes)
+            .field("routes", &self.shared.routes.current())
             .field("custom_scope", &self.shared.scope.is_some())
             .field("store_timeout", &self.shared.store_timeout)
             .field("poll_interval", &self.shared.poll_interval)
@@ -89,7 +92,8 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
             shared: Arc::new(Shared {
                 store,
                 callers: Arc::default(),
-                routes: Routes::default(),
+                routes: Arc::default(),
+                leases: LeasesInFlight::default(),
                 scope: None,
                 store_timeout: Duration::from_secs(5),
                 poll_interval: Duration::from_secs(1),
@@ -103,28 +107,26 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
 
     /// Replaces the default policy (routes added so far keep theirs).
     #[must_use]
-    pub fn policy(mut self, policy: Policy) -> Self {
-        let shared = self.shared_mut();
+    pub fn policy(self, policy: Policy) -> Self {
         let mut routes = Routes::new(policy);
-        for (pattern, route_policy) in shared.routes.iter() {
+        for (pattern, route_policy) in self.shared.routes.current().iter() {
             routes = routes.route(pattern.clone(), route_policy.clone());
         }
-        shared.routes = routes;
-        self
+        self.routes(routes)
     }
 
     /// Adds a per-path policy; the first matching route wins, else the default applies.
     #[must_use]
-    pub fn route(mut self, pattern: PathPattern, policy: Policy) -> Self {
-        let shared = self.shared_mut();
-        shared.routes = std::mem::take(&mut shared.routes).route(pattern, policy);
-        self
+    pub fn route(self, pattern: PathPattern, policy: Policy) -> Self {
+        let routes = Routes::clone(&self.shared.routes.current()).route(pattern, policy);
+        self.routes(routes)
     }
 
     /// Replaces the default policy and every route at once.
     #[must_use]
     pub fn routes(mut self, routes: Routes) -> Self {
-        self.shared_mut().routes = routes;
+        // A cell of its own: a builder call changes this layer only, never a clone made earlier.
+        self.shared_mut().routes = Arc::new(RoutesCell::new(routes));
         self
     }
 
@@ -168,8 +170,58 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     }
 
     /// The routes in effect.
-    pub fn routes_in_effect(&self) -> &Routes {
-        &self.shared.routes
+    pub fn routes_in_effect(&self) -> Arc<Routes> {
+        self.shared.routes.current()
+    }
+
+    /// Replaces the default policy and every route of this layer, of its clones and of every
+    /// service it made, while they run: requests that arrive afterwards use `routes`, requests
+    /// already admitted keep the policy they started with. This is how a server reloads its
+    /// configuration without dropping a connection.
+    pub fn replace_routes(&self, routes: Routes) {
+        self.shared.routes.replace(routes);
+    }
+
+    /// The leases this layer (its clones and services) holds and has not settled yet, for a
+    /// graceful shutdown to wait on.
+    pub fn leases_in_flight(&self) -> LeasesInFlight {
+        self.shared.leases.clone()
+    }
+}
+
+/// The routes, replaceable at run time. Read once per request: an uncontended read lock and an
+/// `Arc` clone of the matching policy, no allocation.
+#[derive(Debug, Default)]
+pub(crate) struct RoutesCell {
+    routes: RwLock<Arc<Routes>>,
+}
+
+impl RoutesCell {
+    fn new(routes: Routes) -> Self {
+        Self {
+            routes: RwLock::new(Arc::new(routes)),
+        }
+    }
+
+    pub(crate) fn current(&self) -> Arc<Routes> {
+        // A panic while holding the lock cannot leave the `Arc` half-written: use it anyway.
+        self.routes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The policy for `path` in the routes in effect now.
+    pub(crate) fn policy_for(&self, path: &str) -> Arc<Policy> {
+        self.routes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .policy_for(path)
+            .clone()
+    }
+
+    fn replace(&self, routes: Routes) {
+        *self.routes.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(routes);
     }
 }
 

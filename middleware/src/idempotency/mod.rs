@@ -7,10 +7,12 @@ mod body_timeout;
 mod callers;
 mod future;
 mod layer;
+mod leases;
 mod service;
 
 pub use body::{RequestBody, ResponseBody};
 pub use body_timeout::BodyTimeout;
 pub use future::ResponseFuture;
 pub use layer::{IdempotencyLayer, ScopeFn};
+pub use leases::LeasesInFlight;
 pub use service::{Idempotency, OutcomeUnknown};

@@ -134,6 +134,9 @@ where
                 self.inner.call(request.map(RequestBody::original)),
             );
         }
+        if asks_to_switch_protocols(request.headers()) {
+            return ResponseFuture::ready(problem(upgrade_refused(request.method())));
+        }
         let (parts, body) = request.into_parts();
         let mut keys = parts.headers.get_all(&policy.header).iter();
         let key = match (keys.next(), keys.next()) {
@@ -204,6 +207,23 @@ where
 
 fn problem<B>(problem: Problem) -> Response<ResponseBody<B>> {
     problem.into_response(ResponseBody::full)
+}
+
+/// An `Upgrade` request (WebSocket and the like): its response is a switch to another protocol,
+/// which can be neither stored nor replayed, so a covered method never passes with one.
+fn asks_to_switch_protocols(headers: &http::HeaderMap) -> bool {
+    headers.contains_key(http::header::UPGRADE)
+}
+
+fn upgrade_refused(method: &http::Method) -> Problem {
+    Problem::new(
+        ProblemKind::UpgradeNotAllowed,
+        format!(
+            "{method} is covered by idempotency on this route, and a protocol switch \
+             (`Upgrade`) can be neither stored nor replayed; open the connection with a method \
+             the route does not cover (usually GET)"
+        ),
+    )
 }
 
 /// A covered request with a valid key, on its way through the state machine.
@@ -552,6 +572,7 @@ impl<St: IdempotencyStore> Lease<St> {
         permit: Option<CallerPermit>,
     ) -> Self {
         m::lease_acquired();
+        shared.leases.acquired();
         Self {
             shared,
             policy,
@@ -796,6 +817,7 @@ impl<St: IdempotencyStore> Lease<St> {
         if !self.settled {
             self.settled = true;
             m::lease_settled();
+            self.shared.leases.settled();
         }
     }
 }
