@@ -11,6 +11,8 @@
 
 mod support;
 
+mod callers;
+mod paths;
 mod proxy;
 mod redis;
 mod stores;

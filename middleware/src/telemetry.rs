@@ -100,10 +100,12 @@ pub enum Outcome {
     InvalidBody,
     /// `429`: its caller had `max_in_flight_per_caller` requests in progress.
     Throttled,
+    /// `403`: its caller presented no credentials and the route rejects anonymous callers.
+    Anonymous,
 }
 
 impl Outcome {
-    const ALL: [Self; 11] = [
+    const ALL: [Self; 12] = [
         Self::Executed,
         Self::Replayed,
         Self::Conflict,
@@ -115,6 +117,7 @@ impl Outcome {
         Self::MissingKey,
         Self::InvalidBody,
         Self::Throttled,
+        Self::Anonymous,
     ];
 
     /// The label value.
@@ -131,6 +134,7 @@ impl Outcome {
             Self::MissingKey => "missing_key",
             Self::InvalidBody => "invalid_body",
             Self::Throttled => "throttled",
+            Self::Anonymous => "anonymous",
         }
     }
 }

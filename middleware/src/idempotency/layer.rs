@@ -105,7 +105,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     #[must_use]
     pub fn policy(mut self, policy: Policy) -> Self {
         let shared = self.shared_mut();
-        let mut routes = Routes::new(policy);
+        let mut routes = Routes::new(policy).merge_slashes(shared.routes.merges_slashes());
         for (pattern, route_policy) in shared.routes.iter() {
             routes = routes.route(pattern.clone(), route_policy.clone());
         }
@@ -125,6 +125,15 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     #[must_use]
     pub fn routes(mut self, routes: Routes) -> Self {
         self.shared_mut().routes = routes;
+        self
+    }
+
+    /// Whether repeated slashes in request paths are merged (`//a` is `/a`); see
+    /// [`Routes::merge_slashes`]. Default `true`.
+    #[must_use]
+    pub fn merge_slashes(mut self, merge: bool) -> Self {
+        let shared = self.shared_mut();
+        shared.routes = std::mem::take(&mut shared.routes).merge_slashes(merge);
         self
     }
 
