@@ -13,6 +13,9 @@
 //! (raw or `%5C`), `%00`, a malformed percent-escape, and dot segments that climb above the root
 //! (`/../a`).
 //!
+//! In axum, `Router::layer` runs a layer after routing: to have the router route the normalised
+//! path, wrap the whole router instead (`IdempotencyLayer::layer(router)`, or `ServiceBuilder`).
+//!
 //! ```
 //! use tower_idempotency::path::{PathError, normalize};
 //!
@@ -52,7 +55,7 @@ pub enum PathError {
 /// The normalised form of `path` (a path starting with `/`; anything else, such as `*`, is
 /// returned as it is), borrowed when it already is normal.
 pub fn normalize(path: &str, merge_slashes: bool) -> Result<Cow<'_, str>, PathError> {
-    if !path.starts_with('/') {
+    if !path.starts_with('/') || is_normal(path, merge_slashes) {
         return Ok(Cow::Borrowed(path));
     }
     let decoded = normalize_escapes(path)?;
@@ -82,6 +85,22 @@ pub fn normalize_uri(uri: &Uri, merge_slashes: bool) -> Result<Option<Uri>, Path
     Uri::from_parts(parts)
         .map(Some)
         .map_err(|_| PathError::InvalidEscape)
+}
+
+/// The common case, checked without allocating: no escape, no backslash, no dot segment, and no
+/// empty segment to merge.
+fn is_normal(path: &str, merge_slashes: bool) -> bool {
+    if path.bytes().any(|b| b == b'%' || b == b'\\') {
+        return false;
+    }
+    let mut segments = path[1..].split('/').peekable();
+    while let Some(segment) = segments.next() {
+        let last = segments.peek().is_none();
+        if matches!(segment, "." | "..") || (merge_slashes && segment.is_empty() && !last) {
+            return false;
+        }
+    }
+    true
 }
 
 /// Decodes percent-encoded unreserved characters and uppercases the other escapes; refuses the

@@ -2,7 +2,8 @@
 //!
 //! An idempotency key is only unique per caller: two customers may both send `Idempotency-Key: 1`.
 //! The record key a store sees is therefore `sha256(scope || key)`, where the scope is a digest of
-//! who the caller is (by default the configured credential headers, such as `Authorization`). A
+//! who the caller is (by default the configured credential headers, such as `Authorization`, and
+//! credential cookies, such as a session cookie). A
 //! caller can never replay another caller's response, and stores only ever see digests: neither
 //! raw credentials nor raw keys are persisted.
 

@@ -11,6 +11,7 @@ use axum::http::StatusCode;
 use axum::middleware::{Next, from_fn};
 use axum::routing::post;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tower::Layer;
 use tower_idempotency::{Anonymous, ClientIp, IdempotencyLayer, MemoryStore, Policy, Scope};
 
 /// An app whose only route is `/payments`, counting its runs.
@@ -23,18 +24,20 @@ async fn serve(layer: IdempotencyLayer<MemoryStore>) -> (SocketAddr, Arc<AtomicU
             next.run(request).await
         },
     );
+    let app = Router::new().route(
+        "/payments",
+        post(move || {
+            let run = counted.fetch_add(1, Ordering::SeqCst) + 1;
+            async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                (StatusCode::CREATED, format!("charge {run}"))
+            }
+        }),
+    );
+    // Around the whole router, so that axum routes the normalised path (`Router::layer` would
+    // run the layer after routing).
     let app = Router::new()
-        .route(
-            "/payments",
-            post(move || {
-                let run = counted.fetch_add(1, Ordering::SeqCst) + 1;
-                async move {
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                    (StatusCode::CREATED, format!("charge {run}"))
-                }
-            }),
-        )
-        .layer(layer)
+        .fallback_service(layer.layer(app))
         .layer(client_ip);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
