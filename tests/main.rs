@@ -14,6 +14,8 @@ mod support;
 mod body_lifecycle;
 mod http2_upstream;
 mod lifecycle;
+mod callers;
+mod paths;
 mod proxy;
 mod redis;
 mod stores;

@@ -23,14 +23,20 @@
 //!
 //! # The request lifecycle
 //!
-//! For a request whose method the route's [`Policy`] covers (default `POST` and `PATCH`):
+//! First, for every request, the path is normalised (RFC 3986 section 6, see [`path`]): routes
+//! are matched against the normalised path and the inner service receives it; an ambiguous path
+//! (`%2F`, a backslash, `%00`, `/../`) is refused with `400`. Then, for a request whose method
+//! the route's [`Policy`] covers (default `POST` and `PATCH`):
 //!
 //! 1. **Key.** No key: `400` if the policy requires one, else the request passes through
 //!    untouched. An invalid key (empty, over 255 bytes, not visible ASCII; a quoted sf-string is
 //!    accepted and unquoted): `400`.
 //! 2. **Scope.** The record key is `sha256(scope || key)`: by default the scope is a digest of the
-//!    policy's scope headers (`Authorization`), or whatever [`IdempotencyLayer::scope_with`] says.
-//!    Two callers never see each other's responses, and no raw credential or key is stored.
+//!    policy's scope headers (`Authorization`) and scope cookies, or whatever
+//!    [`IdempotencyLayer::scope_with`] says. Two callers never see each other's responses, and no
+//!    raw credential or key is stored. A caller without credentials is refused (`403`) where the
+//!    route says [`Anonymous::Reject`]; over `max_in_flight_per_caller` requests in progress
+//!    (anonymous callers counted per [`ClientIp`]), `429`.
 //! 3. **Body.** The body is buffered up to `max_request_body` (else `413`; nothing is stored or
 //!    run) within `body_read_timeout` (else `408`) and handed on without another copy.
 //! 4. **Fingerprint.** sha256 of method, path and query, configured headers and body.
@@ -74,10 +80,12 @@
 //! the [`conformance`] suite checks.
 
 pub mod conformance;
+mod cookie;
 pub mod fingerprint;
 pub mod headers;
 mod idempotency;
 pub mod key;
+pub mod path;
 pub mod policy;
 pub mod problem;
 pub mod record;
@@ -90,9 +98,9 @@ pub use idempotency::{
     ResponseBody,
     ResponseFuture, ScopeFn,
 };
-pub use policy::{OnConflict, OnStoreError, PathPattern, Policy, Routes};
+pub use policy::{Anonymous, OnConflict, OnStoreError, PathPattern, Policy, Routes};
 pub use record::StoredResponse;
-pub use scope::{RecordKey, Scope};
+pub use scope::{ClientIp, RecordKey, Scope};
 #[cfg(feature = "memory")]
 pub use store::MemoryStore;
 #[cfg(feature = "postgres")]

@@ -34,6 +34,21 @@ pub enum OnStoreError {
     Forward,
 }
 
+/// What to do with a covered, keyed request from a caller that presents none of the route's scope
+/// credentials (no scope header, no scope cookie; with a custom scope function, one that returns
+/// [`Scope::anonymous`](crate::Scope::anonymous)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Anonymous {
+    /// Handle it: every anonymous caller shares one scope, so one may be replayed the response
+    /// of another who sent the same key and request.
+    #[default]
+    Share,
+    /// Answer `403` ([`credentials-required`](crate::problem#credentials-required)); it never
+    /// runs.
+    Reject,
+}
+
 /// The settings the layer applies to one request.
 ///
 /// Built with `Policy::default()` and the `with_*` methods; checked with [`Policy::validate`].
@@ -61,6 +76,13 @@ pub struct Policy {
     /// Headers whose values identify the caller; the key is scoped to them. Default
     /// `Authorization`. Ignored when the layer has a custom scope function.
     pub scope_headers: Vec<HeaderName>,
+    /// Cookies whose values identify the caller, besides the scope headers: the key is scoped to
+    /// them too, and other cookies (which change between retries) do not count. Default none.
+    /// Ignored when the layer has a custom scope function.
+    pub scope_cookies: Vec<String>,
+    /// What to do with a keyed request from a caller without credentials. Default
+    /// [`Anonymous::Share`].
+    pub anonymous: Anonymous,
     /// Headers whose values take part in the request fingerprint, besides method, path, query
     /// and body. Default none.
     pub fingerprint_headers: Vec<HeaderName>,
@@ -73,7 +95,8 @@ pub struct Policy {
     pub retry_after: Duration,
     /// Most keyed requests one caller (scope) may have in progress in this process at once;
     /// more get `429` before their body is read. Bounds what one caller can make the layer
-    /// buffer. `0` means no limit. Default 100.
+    /// buffer. Callers without credentials are counted per [`ClientIp`](crate::ClientIp) when
+    /// the request carries one. `0` means no limit. Default 100.
     pub max_in_flight_per_caller: usize,
     /// Longest time reading a covered request's body may take; a slower body is answered `408`,
     /// before anything ran or any lease was taken. Default 30 seconds.
@@ -97,6 +120,8 @@ impl Default for Policy {
             wait_timeout: Duration::from_secs(10),
             on_store_error: OnStoreError::Reject,
             scope_headers: vec![http::header::AUTHORIZATION],
+            scope_cookies: Vec::new(),
+            anonymous: Anonymous::Share,
             fingerprint_headers: Vec::new(),
             max_request_body: 1024 * 1024,
             max_response_body: 8 * 1024 * 1024,
@@ -155,6 +180,10 @@ impl Policy {
         with_on_store_error: on_store_error: OnStoreError;
         /// Sets [`Policy::scope_headers`].
         with_scope_headers: scope_headers: Vec<HeaderName>;
+        /// Sets [`Policy::scope_cookies`].
+        with_scope_cookies: scope_cookies: Vec<String>;
+        /// Sets [`Policy::anonymous`].
+        with_anonymous: anonymous: Anonymous;
         /// Sets [`Policy::fingerprint_headers`].
         with_fingerprint_headers: fingerprint_headers: Vec<HeaderName>;
         /// Sets [`Policy::max_request_body`].
@@ -195,6 +224,16 @@ impl Policy {
         }
         if self.body_read_timeout.is_zero() {
             return fail("body_read_timeout", "must be positive");
+        }
+        if let Some(bad) = self
+            .scope_cookies
+            .iter()
+            .find(|name| !crate::cookie::is_valid_name(name))
+        {
+            return Err(PolicyError {
+                field: "scope_cookies",
+                reason: format!("{bad:?} is not a valid cookie name"),
+            });
         }
         Ok(())
     }
@@ -277,7 +316,17 @@ impl std::str::FromStr for PathPattern {
                 "*" => Ok(Segment::Any),
                 "**" => Err(fail("'**' is only allowed as the last segment")),
                 _ if part.contains('*') => Err(fail("'*' must be a whole segment")),
-                _ => Ok(Segment::Literal(part.to_owned())),
+                // Requests are matched by their normalised path, which has none of these.
+                "." | ".." => Err(fail("dot segments never match a normalised path")),
+                _ => match crate::path::normalize_escapes(part) {
+                    Ok(literal) if matches!(&*literal, "." | "..") => {
+                        Err(fail("dot segments never match a normalised path"))
+                    }
+                    Ok(literal) => Ok(Segment::Literal(literal.into_owned())),
+                    Err(_) => Err(fail(
+                        "invalid or ambiguous percent-escape (requests with one are refused)",
+                    )),
+                },
             })
             .collect::<Result<_, _>>()?;
         Ok(Self {
@@ -295,7 +344,7 @@ impl std::fmt::Display for PathPattern {
 }
 
 impl PathPattern {
-    /// Whether `path` (without query) matches.
+    /// Whether `path` (without query, normalised as by [`crate::path::normalize`]) matches.
     pub fn matches(&self, path: &str) -> bool {
         let Some(path) = path.strip_prefix('/') else {
             return false;
@@ -316,11 +365,13 @@ impl PathPattern {
     }
 }
 
-/// Per-route policies: the first pattern that matches the request path wins, else the default.
+/// Per-route policies: the first pattern that matches the request's normalised path wins, else
+/// the default.
 #[derive(Debug, Clone)]
 pub struct Routes {
     default: Arc<Policy>,
     routes: Vec<(PathPattern, Arc<Policy>)>,
+    merge_slashes: bool,
 }
 
 impl Routes {
@@ -329,7 +380,22 @@ impl Routes {
         Self {
             default: Arc::new(default),
             routes: Vec::new(),
+            merge_slashes: true,
         }
+    }
+
+    /// Whether normalising a request path merges repeated slashes (`//a` is `/a`) before routes
+    /// are matched and the request is handed on. Default `true`, as the upstream then acts on the
+    /// path the routes matched whether or not it merges slashes itself.
+    #[must_use]
+    pub fn merge_slashes(mut self, merge: bool) -> Self {
+        self.merge_slashes = merge;
+        self
+    }
+
+    /// See [`Routes::merge_slashes`].
+    pub fn merges_slashes(&self) -> bool {
+        self.merge_slashes
     }
 
     /// Adds a route after the existing ones.
@@ -410,6 +476,14 @@ mod tests {
         assert!(pattern("/a").matches("/a"));
         assert!(!pattern("/a").matches("/a/"));
         assert!(pattern("/a/").matches("/a/"));
+    }
+
+    #[test]
+    fn pattern_literals_are_normalised_like_paths() {
+        assert!(pattern("/pay%6dents/%3a").matches("/payments/%3A"));
+        for bad in ["/a/../b", "/a/./b", "/a%2Fb/**", "/%2e%2E/x", "/a%zz"] {
+            assert!(bad.parse::<PathPattern>().is_err(), "{bad} must be refused");
+        }
     }
 
     #[test]

@@ -37,8 +37,15 @@
 //! `503`: the idempotency store failed, and the route prefers refusing to running a request twice.
 //! Retry after `Retry-After` seconds.
 //!
+//! # credentials-required
+//! `403`: the route refuses keyed requests from callers without credentials
+//! (`anonymous = "reject"`) and this one presented none of its scope headers or scope cookies.
+//! Nothing ran. Send the request authenticated.
+//!
 //! # invalid-target
-//! `400` (proxy): the request target cannot be forwarded to the upstream.
+//! `400`: the request path is ambiguous (an encoded slash `%2F`, a backslash or `%5C`, `%00`, a
+//! malformed percent-escape, or `..` segments climbing above the root; see [`crate::path`]), or
+//! (proxy) the request target cannot be forwarded to the upstream. Nothing ran.
 //!
 //! # upstream-unavailable
 //! `502` (proxy): the upstream refused the connection or failed before answering. Also (proxy and
@@ -86,6 +93,8 @@ pub enum ProblemKind {
     TooManyInFlight,
     /// `503`, see [the module docs](self#store-unavailable).
     StoreUnavailable,
+    /// `403`, see [the module docs](self#credentials-required).
+    CredentialsRequired,
     /// `400`, see [the module docs](self#invalid-target).
     InvalidTarget,
     /// `502`, see [the module docs](self#upstream-unavailable).
@@ -109,6 +118,7 @@ impl ProblemKind {
             Self::InFlight => "in-flight",
             Self::TooManyInFlight => "too-many-in-flight",
             Self::StoreUnavailable => "store-unavailable",
+            Self::CredentialsRequired => "credentials-required",
             Self::InvalidTarget => "invalid-target",
             Self::UpstreamUnavailable => "upstream-unavailable",
             Self::UpstreamTimeout => "upstream-timeout",
@@ -126,6 +136,7 @@ impl ProblemKind {
             | Self::UpgradeNotAllowed => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyReadTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::CredentialsRequired => StatusCode::FORBIDDEN,
             Self::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::InFlight => StatusCode::CONFLICT,
             Self::TooManyInFlight => StatusCode::TOO_MANY_REQUESTS,
@@ -147,6 +158,7 @@ impl ProblemKind {
             Self::InFlight => "Request with this idempotency key is in progress",
             Self::TooManyInFlight => "Too many requests in progress",
             Self::StoreUnavailable => "Idempotency store unavailable",
+            Self::CredentialsRequired => "Caller credentials required",
             Self::InvalidTarget => "Request target cannot be forwarded",
             Self::UpstreamUnavailable => "Upstream unavailable",
             Self::UpstreamTimeout => "Upstream timed out",

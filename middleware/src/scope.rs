@@ -2,14 +2,18 @@
 //!
 //! An idempotency key is only unique per caller: two customers may both send `Idempotency-Key: 1`.
 //! The record key a store sees is therefore `sha256(scope || key)`, where the scope is a digest of
-//! who the caller is (by default the configured credential headers, such as `Authorization`). A
+//! who the caller is (by default the configured credential headers, such as `Authorization`, and
+//! credential cookies, such as a session cookie). A
 //! caller can never replay another caller's response, and stores only ever see digests: neither
 //! raw credentials nor raw keys are persisted.
 
 use std::fmt;
+use std::net::IpAddr;
 
 use http::{HeaderMap, HeaderName};
 use sha2::{Digest, Sha256};
+
+use crate::cookie;
 
 /// The digest of who the caller is.
 ///
@@ -36,16 +40,38 @@ impl Scope {
     /// A scope from the values of `names` in `headers`. A missing header and an empty one differ,
     /// and every value of a repeated header counts, in order.
     pub fn from_headers(headers: &HeaderMap, names: &[HeaderName]) -> Self {
+        Self::from_credentials(headers, names, &[])
+    }
+
+    /// A scope from the values of the headers `names` and of the cookies `cookies` (read from
+    /// every `Cookie` header; other cookies do not count). A missing cookie and an empty one
+    /// differ, as for headers. Without cookies this is [`Scope::from_headers`], digest for digest.
+    pub fn from_credentials(headers: &HeaderMap, names: &[HeaderName], cookies: &[String]) -> Self {
         let mut hasher = Sha256::new();
         hasher.update(b"headers\0");
         for name in names {
-            hasher.update(name.as_str().as_bytes());
-            for value in headers.get_all(name) {
-                hasher.update(b"\x01");
-                hasher.update((value.len() as u64).to_be_bytes());
-                hasher.update(value.as_bytes());
+            let values = headers.get_all(name).into_iter().map(|v| v.as_bytes());
+            hash_values(&mut hasher, name.as_str().as_bytes(), values);
+        }
+        if !cookies.is_empty() {
+            // Only when cookies are configured, so that header-only scopes keep their digests
+            // (and records made before cookies existed stay reachable).
+            hasher.update(b"cookies\0");
+            for name in cookies {
+                hash_values(&mut hasher, name.as_bytes(), cookie::values(headers, name));
             }
-            hasher.update(b"\x00");
+        }
+        Self(hasher.finalize().into())
+    }
+
+    /// The key a client address is counted under for `max_in_flight_per_caller`; never equal to
+    /// a caller's scope.
+    pub(crate) fn of_client_ip(ip: IpAddr) -> Self {
+        let mut hasher = Sha256::new();
+        hasher.update(b"client-ip\0");
+        match ip {
+            IpAddr::V4(v4) => hasher.update(v4.octets()),
+            IpAddr::V6(v6) => hasher.update(v6.octets()),
         }
         Self(hasher.finalize().into())
     }
@@ -55,6 +81,55 @@ impl Scope {
         &self.0
     }
 }
+
+/// One credential: its name, then each value length-prefixed, then a terminator, so that missing,
+/// empty and repeated values all differ.
+fn hash_values<'a>(hasher: &mut Sha256, name: &[u8], values: impl Iterator<Item = &'a [u8]>) {
+    hasher.update(name);
+    for value in values {
+        hasher.update(b"\x01");
+        hasher.update((value.len() as u64).to_be_bytes());
+        hasher.update(value);
+    }
+    hasher.update(b"\x00");
+}
+
+/// Whether the request carries any of the headers `names` or the cookies `cookies`: a caller
+/// without any is anonymous.
+pub(crate) fn presents_credentials(
+    headers: &HeaderMap,
+    names: &[HeaderName],
+    cookies: &[String],
+) -> bool {
+    names.iter().any(|name| headers.contains_key(name))
+        || cookies
+            .iter()
+            .any(|name| cookie::values(headers, name).next().is_some())
+}
+
+/// The IP address of the client a request came from, read from the request extensions.
+///
+/// The layer counts callers without credentials (no scope header, no scope cookie) per client
+/// address against `max_in_flight_per_caller`, so that unrelated anonymous users do not share one
+/// limit. Their records still share one scope (see [`Policy::anonymous`](crate::Policy::anonymous)).
+/// Without it, anonymous callers share one limit. The proxy inserts it for every request; an axum
+/// app served with `into_make_service_with_connect_info::<SocketAddr>()` can insert it from
+/// `ConnectInfo` in a middleware outside the layer:
+///
+/// ```ignore
+/// let client_ip = axum::middleware::from_fn(
+///     |ConnectInfo(addr): ConnectInfo<SocketAddr>, mut request: Request, next: Next| async move {
+///         request.extensions_mut().insert(ClientIp(addr.ip()));
+///         next.run(request).await
+///     },
+/// );
+/// let app = router.layer(idempotency).layer(client_ip);
+/// ```
+///
+/// Behind a load balancer every request comes from the balancer's address: insert the client's
+/// address from a header the balancer sets and you trust instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientIp(pub IpAddr);
 
 impl fmt::Debug for Scope {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -149,6 +224,39 @@ mod tests {
             Scope::from_bytes(b""),
             Scope::from_headers(&HeaderMap::new(), &[])
         );
+    }
+
+    #[test]
+    fn cookies_scope_by_their_named_values_only() {
+        let names = [http::header::AUTHORIZATION];
+        let cookies = ["session".to_owned()];
+        let of = |pairs| Scope::from_credentials(&headers(pairs), &names, &cookies);
+        let alice = of(&[("cookie", "session=alice; tracking=1")]);
+        assert_eq!(
+            alice,
+            of(&[("cookie", "tracking=2"), ("cookie", "session=alice")])
+        );
+        assert_ne!(alice, of(&[("cookie", "session=bob; tracking=1")]));
+        assert_ne!(
+            of(&[("cookie", "session=")]),
+            of(&[("cookie", "tracking=1")])
+        );
+        assert_eq!(
+            Scope::from_credentials(&headers(&[("authorization", "a")]), &names, &[]),
+            Scope::from_headers(&headers(&[("authorization", "a")]), &names),
+            "without cookies the digest is the header scope's"
+        );
+    }
+
+    #[test]
+    fn credentials_are_presented_by_any_scope_header_or_cookie() {
+        let names = [http::header::AUTHORIZATION];
+        let cookies = ["session".to_owned()];
+        let presents = |pairs| presents_credentials(&headers(pairs), &names, &cookies);
+        assert!(presents(&[("authorization", "")]));
+        assert!(presents(&[("cookie", "a=1; session=")]));
+        assert!(!presents(&[("cookie", "a=1; sessionx=2")]));
+        assert!(!presents(&[]));
     }
 
     #[test]

@@ -102,10 +102,12 @@ pub enum Outcome {
     Throttled,
     /// `408`: its body did not arrive within `body_read_timeout`.
     BodyTimeout,
+    /// `403`: its caller presented no credentials and the route rejects anonymous callers.
+    Anonymous,
 }
 
 impl Outcome {
-    const ALL: [Self; 12] = [
+    const ALL: [Self; 13] = [
         Self::Executed,
         Self::Replayed,
         Self::Conflict,
@@ -118,6 +120,7 @@ impl Outcome {
         Self::InvalidBody,
         Self::Throttled,
         Self::BodyTimeout,
+        Self::Anonymous,
     ];
 
     /// The label value.
@@ -135,6 +138,7 @@ impl Outcome {
             Self::InvalidBody => "invalid_body",
             Self::Throttled => "throttled",
             Self::BodyTimeout => "body_timeout",
+            Self::Anonymous => "anonymous",
         }
     }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use http::{HeaderName, Method, StatusCode, Uri};
 use serde::Deserialize;
-use tower_idempotency::{OnConflict, OnStoreError, PathPattern, Policy, Routes};
+use tower_idempotency::{Anonymous, OnConflict, OnStoreError, PathPattern, Policy, Routes};
 
 /// Overrides `[store] url` when set, so secrets need not live in the file.
 pub const STORE_URL_ENV: &str = "IDEMPOTENCY_STORE_URL";
@@ -81,6 +81,10 @@ pub struct ProxyConfig {
     /// client's host becomes `:authority`; the proxy still connects to `upstream`).
     #[serde(default)]
     pub preserve_host: bool,
+    /// Merge repeated slashes (`//a` is `/a`) when normalising request paths, before routes are
+    /// matched and the request is forwarded. Default `true`.
+    #[serde(default = "defaults::merge_slashes")]
+    pub merge_slashes: bool,
     /// Threads serving requests; absent: one per CPU core. A sidecar sharing its machine with the
     /// service it fronts often does better with fewer.
     #[serde(default)]
@@ -218,6 +222,16 @@ pub enum OnStoreErrorConfig {
     Forward,
 }
 
+/// `share` or `reject`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AnonymousConfig {
+    /// Anonymous callers share one scope.
+    Share,
+    /// `403` to keyed requests without credentials.
+    Reject,
+}
+
 /// A header name, checked when the file is read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeaderNameValue(pub HeaderName);
@@ -344,6 +358,12 @@ policy_fields! {
     on_store_error: OnStoreErrorConfig,
     /// Headers that identify the caller; keys are scoped to them. Default `["authorization"]`.
     scope_headers: Vec<HeaderNameValue>,
+    /// Cookies that identify the caller besides `scope_headers` (session cookies); keys are
+    /// scoped to their values, other cookies are ignored. Default none.
+    scope_cookies: Vec<String>,
+    /// `share`: callers without a scope header or scope cookie share one scope; `reject`: their
+    /// keyed requests get `403`. Default `share`.
+    anonymous: AnonymousConfig,
     /// Headers that take part in the request fingerprint besides method, path, query and body.
     fingerprint_headers: Vec<HeaderNameValue>,
     /// Largest request body accepted on a covered request (`413` above). Default `1MiB`.
@@ -353,8 +373,9 @@ policy_fields! {
     /// `Retry-After` on `409`, `429` and `503`. Default `1s`.
     #[serde(with = "humantime_serde")]
     retry_after: Duration,
-    /// Most keyed requests one caller (per `scope_headers`) may have in progress in this proxy;
-    /// more get `429`. `0`: no limit. Default `100`.
+    /// Most keyed requests one caller (per `scope_headers` and `scope_cookies`; callers without
+    /// either per client address) may have in progress in this proxy; more get `429`. `0`: no
+    /// limit. Default `100`.
     max_in_flight_per_caller: usize,
     /// Longest time a covered request's body may take to arrive; slower ones get `408` and
     /// nothing runs. Default `30s`.
@@ -397,6 +418,9 @@ mod defaults {
         Duration::from_secs(1)
     }
     pub(super) fn auto_migrate() -> bool {
+        true
+    }
+    pub(super) fn merge_slashes() -> bool {
         true
     }
 }
@@ -814,6 +838,25 @@ impl Config {
         Ok(uri)
     }
 
+    /// The covered routes whose callers are told apart only by the built-in default
+    /// (`scope_headers = ["authorization"]`, set nowhere in the file, and no `scope_cookies`):
+    /// `None` for the default policy, else the route's index.
+    pub fn default_scoped(&self) -> Vec<Option<usize>> {
+        let relies = |fields: &PolicyConfig| {
+            fields.enabled != Some(false)
+                && fields.scope_headers.is_none()
+                && fields.scope_cookies.as_ref().is_none_or(Vec::is_empty)
+        };
+        let mut found: Vec<_> = (0..self.routes.len())
+            .filter(|&i| relies(&self.idempotency.overridden_by(&self.routes[i])))
+            .map(Some)
+            .collect();
+        if relies(&self.idempotency) {
+            found.push(None);
+        }
+        found
+    }
+
     /// The effective per-route policies, validated.
     pub fn routes(&self) -> Result<Routes, ConfigError> {
         self.routes_checked().map_err(|p| ConfigError::Invalid {
@@ -827,7 +870,7 @@ impl Config {
     fn routes_checked(&self) -> Result<Routes, Problem> {
         let default = policy_from(&self.idempotency)
             .map_err(|e| problem(KeyPath::of(&["idempotency", e.field]), e.reason))?;
-        let mut routes = Routes::new(default);
+        let mut routes = Routes::new(default).merge_slashes(self.proxy.merge_slashes);
         for (index, route) in self.routes.iter().enumerate() {
             let merged = self.idempotency.overridden_by(route);
             let policy = policy_from(&merged)
@@ -876,6 +919,15 @@ fn policy_from(fields: &PolicyConfig) -> Result<Policy, tower_idempotency::polic
     }
     if let Some(headers) = &fields.scope_headers {
         policy.scope_headers = headers.iter().map(|h| h.0.clone()).collect();
+    }
+    if let Some(cookies) = &fields.scope_cookies {
+        policy.scope_cookies = cookies.clone();
+    }
+    if let Some(anonymous) = fields.anonymous {
+        policy.anonymous = match anonymous {
+            AnonymousConfig::Share => Anonymous::Share,
+            AnonymousConfig::Reject => Anonymous::Reject,
+        };
     }
     if let Some(headers) = &fields.fingerprint_headers {
         policy.fingerprint_headers = headers.iter().map(|h| h.0.clone()).collect();
@@ -1271,6 +1323,28 @@ upstream = "http://127.0.0.1:3000"
         assert_eq!(route.ttl, Duration::from_secs(3600));
         assert_eq!(route.methods, vec![Method::POST]);
         assert!(!routes.policy_for("/b").required);
+    }
+
+    #[test]
+    fn caller_fields_are_read_and_checked() {
+        let config = parse(&format!(
+            "{MINIMAL}merge_slashes = false\n\n[idempotency]\nscope_cookies = [\"session\"]\n\n[[route]]\npath = \"/a\"\nanonymous = \"reject\"\n"
+        ))
+        .expect("config");
+        let routes = config.routes().expect("routes");
+        assert!(!routes.merges_slashes());
+        assert_eq!(routes.policy_for("/a").anonymous, Anonymous::Reject);
+        assert_eq!(routes.policy_for("/a").scope_cookies, ["session"]);
+        assert_eq!(routes.policy_for("/b").anonymous, Anonymous::Share);
+        assert!(config.default_scoped().is_empty());
+
+        let (key, line, message) = error(&format!(
+            "{MINIMAL}\n[[route]]\npath = \"/a\"\nscope_cookies = [\"a b\"]\n"
+        ));
+        assert_eq!(key.as_deref(), Some("route[0].scope_cookies"), "{message}");
+        assert_eq!(line, Some(8), "{message}");
+        let (key, _, message) = error(&format!("{MINIMAL}\n[idempotency]\nanonymous = \"deny\"\n"));
+        assert_eq!(key.as_deref(), Some("idempotency.anonymous"), "{message}");
     }
 
     #[test]

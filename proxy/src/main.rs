@@ -45,6 +45,9 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Run) {
         Command::Check => match report::describe(&config) {
             Ok(text) => {
+                for warning in report::warnings(&config) {
+                    eprintln!("warning: {warning}");
+                }
                 println!("configuration ok: {}\n\n{text}", path.display());
                 ExitCode::SUCCESS
             }

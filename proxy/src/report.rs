@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use tower_idempotency::{OnConflict, OnStoreError, Policy};
+use tower_idempotency::{Anonymous, OnConflict, OnStoreError, Policy};
 
 use crate::config::{Config, ConfigError};
 
@@ -93,6 +93,14 @@ fn describe_policy(out: &mut String, policy: &Policy) {
                     .collect(),
             ),
         ),
+        ("scope_cookies", list(policy.scope_cookies.clone())),
+        (
+            "anonymous",
+            match policy.anonymous {
+                Anonymous::Reject => "reject (403)".to_owned(),
+                _ => "share one scope".to_owned(),
+            },
+        ),
         (
             "fingerprint_headers",
             list(
@@ -137,6 +145,28 @@ fn describe_policy(out: &mut String, policy: &Policy) {
     for (name, value) in rows {
         let _ = writeln!(out, "  {name:<20} {value}");
     }
+}
+
+/// What `check` warns about: covered routes whose callers are told apart only by the built-in
+/// default scope (`Authorization`), where callers authenticated by a session cookie would share
+/// one scope and could be replayed each other's responses.
+pub fn warnings(config: &Config) -> Vec<String> {
+    config
+        .default_scoped()
+        .into_iter()
+        .map(|route| {
+            let place = match route {
+                Some(index) => format!("route {}", config.routes[index].path.0),
+                None => "every other path".to_owned(),
+            };
+            format!(
+                "{place}: callers are told apart only by the default scope_headers = \
+                 [\"authorization\"]; callers authenticated otherwise (a session cookie...) share \
+                 one scope and can be replayed each other's responses. Set scope_headers or \
+                 scope_cookies explicitly"
+            )
+        })
+        .collect()
 }
 
 /// Hides the password of a `scheme://user:password@host` URL.

@@ -14,7 +14,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tower::{Layer, ServiceExt};
-use tower_idempotency::IdempotencyLayer;
+use tower_idempotency::{ClientIp, IdempotencyLayer};
 
 use crate::admin;
 use crate::config::Config;
@@ -164,6 +164,7 @@ async fn serve(
         let client = ClientAddr::new(peer);
         let handler = hyper::service::service_fn(move |mut request: Request<Incoming>| {
             request.extensions_mut().insert(client.clone());
+            request.extensions_mut().insert(ClientIp(peer.ip()));
             let started = Instant::now();
             let logged = tracing::enabled!(tracing::Level::DEBUG)
                 .then(|| (request.method().clone(), request.uri().path().to_owned()));

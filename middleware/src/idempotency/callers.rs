@@ -2,7 +2,9 @@
 //!
 //! Each request the layer works on holds its buffered body and, while it runs, a copy of its
 //! response: without a bound, one caller sending many keys at once could hold gigabytes. The bound
-//! is per caller scope, so one noisy caller does not crowd out the others.
+//! is per caller scope, so one noisy caller does not crowd out the others; callers without
+//! credentials share a scope but are counted per client address (`ClientIp`), so unrelated
+//! anonymous users do not crowd each other out either.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};

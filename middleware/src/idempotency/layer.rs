@@ -108,8 +108,9 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// Replaces the default policy (routes added so far keep theirs).
     #[must_use]
     pub fn policy(self, policy: Policy) -> Self {
-        let mut routes = Routes::new(policy);
-        for (pattern, route_policy) in self.shared.routes.current().iter() {
+        let current = self.shared.routes.current();
+        let mut routes = Routes::new(policy).merge_slashes(current.merges_slashes());
+        for (pattern, route_policy) in current.iter() {
             routes = routes.route(pattern.clone(), route_policy.clone());
         }
         self.routes(routes)
@@ -128,6 +129,14 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
         // A cell of its own: a builder call changes this layer only, never a clone made earlier.
         self.shared_mut().routes = Arc::new(RoutesCell::new(routes));
         self
+    }
+
+    /// Whether repeated slashes in request paths are merged (`//a` is `/a`); see
+    /// [`Routes::merge_slashes`]. Default `true`.
+    #[must_use]
+    pub fn merge_slashes(self, merge: bool) -> Self {
+        let routes = Routes::clone(&self.shared.routes.current()).merge_slashes(merge);
+        self.routes(routes)
     }
 
     /// Scopes keys with `scope` instead of the policy's scope headers.
@@ -208,15 +217,6 @@ impl RoutesCell {
         self.routes
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    /// The policy for `path` in the routes in effect now.
-    pub(crate) fn policy_for(&self, path: &str) -> Arc<Policy> {
-        self.routes
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .policy_for(path)
             .clone()
     }
 

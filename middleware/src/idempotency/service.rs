@@ -24,10 +24,11 @@ use crate::BoxError;
 use crate::fingerprint::Fingerprint;
 use crate::headers::IDEMPOTENT_REPLAYED;
 use crate::key::{KeyError, parse_key};
-use crate::policy::{OnConflict, OnStoreError, Policy};
+use crate::path;
+use crate::policy::{Anonymous, OnConflict, OnStoreError, Policy};
 use crate::problem::{Problem, ProblemKind};
 use crate::record::StoredResponse;
-use crate::scope::{RecordKey, Scope};
+use crate::scope::{ClientIp, RecordKey, Scope, presents_credentials};
 use crate::store::{Begin, IdempotencyStore, LeaseToken, StoreError};
 use crate::telemetry as m;
 
@@ -127,8 +128,21 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<ReqB>) -> Self::Future {
-        let policy = self.shared.routes.policy_for(request.uri().path());
+    fn call(&mut self, mut request: Request<ReqB>) -> Self::Future {
+        // One look at the routes per request: a reload swaps them between requests, not within.
+        let routes = self.shared.routes.current();
+        // Routes, fingerprint and the inner service all see the path the upstream will act on.
+        match path::normalize_uri(request.uri(), routes.merges_slashes()) {
+            Ok(Some(normal)) => *request.uri_mut() = normal,
+            Ok(None) => {}
+            Err(error) => {
+                return ResponseFuture::ready(problem(Problem::new(
+                    ProblemKind::InvalidTarget,
+                    format!("the request path is ambiguous: {error}"),
+                )));
+            }
+        }
+        let policy = routes.policy_for(request.uri().path()).clone();
         if !policy.covers(request.method()) {
             return ResponseFuture::passthrough(
                 self.inner.call(request.map(RequestBody::original)),
@@ -165,15 +179,37 @@ where
                 )));
             }
         };
-        let scope = match &self.shared.scope {
-            Some(scope) => scope(&parts),
-            None => Scope::from_headers(&parts.headers, &policy.scope_headers),
+        let (scope, anonymous) = match &self.shared.scope {
+            Some(scope) => {
+                let scope = scope(&parts);
+                (scope, scope == Scope::anonymous())
+            }
+            None => (
+                Scope::from_credentials(
+                    &parts.headers,
+                    &policy.scope_headers,
+                    &policy.scope_cookies,
+                ),
+                !presents_credentials(&parts.headers, &policy.scope_headers, &policy.scope_cookies),
+            ),
         };
+        if anonymous && policy.anonymous == Anonymous::Reject {
+            m::outcome(m::Outcome::Anonymous);
+            return ResponseFuture::ready(problem(Problem::new(
+                ProblemKind::CredentialsRequired,
+                "this route runs keyed requests only for callers who identify themselves",
+            )));
+        }
         let record_key = RecordKey::new(&scope, &key);
+        // Anonymous callers share a scope, not a limit: each client address has its own.
+        let counted_as = match parts.extensions.get::<ClientIp>() {
+            Some(client) if anonymous => Scope::of_client_ip(client.0),
+            _ => scope,
+        };
         // Counted before the body is read: the limit bounds what one caller can make us buffer.
         let permit = match policy.max_in_flight_per_caller {
             0 => None,
-            limit => match self.shared.callers.admit(scope, limit) {
+            limit => match self.shared.callers.admit(counted_as, limit) {
                 Some(permit) => Some(permit),
                 None => {
                     m::outcome(m::Outcome::Throttled);
