@@ -762,3 +762,22 @@ async fn from_pool_serves_from_the_applications_own_pool() {
     pool.close().await;
     drop_schema(&schema).await;
 }
+
+/// TLS is the `postgres-tls` feature's: with it `sslmode=require` connects (the test server has
+/// `ssl = on`), without it sqlx refuses to connect at all.
+#[tokio::test]
+async fn sslmode_require_needs_the_postgres_tls_feature() {
+    let url = database_url();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let connected = PostgresStore::builder(format!("{url}{separator}sslmode=require"))
+        .auto_migrate(false)
+        .connect()
+        .await;
+    if cfg!(feature = "postgres-tls") {
+        let store = connected.unwrap_or_else(|error| unreachable(error));
+        store.ping().await.expect("ping over TLS");
+    } else {
+        let error = connected.expect_err("no TLS support compiled in");
+        assert!(error.to_string().contains("TLS"), "{error}");
+    }
+}

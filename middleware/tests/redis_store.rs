@@ -602,6 +602,21 @@ async fn from_client_serves_from_the_applications_own_client() {
     assert_eq!(keys.len(), 1, "{keys:?}");
 }
 
+/// `rediss://` URLs are the `redis-tls` feature's: with it the store tries to connect (and here
+/// finds nobody listening), without it the URL itself is refused.
+#[tokio::test]
+async fn rediss_urls_need_the_redis_tls_feature() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    let error = RedisStore::connect(&format!("rediss://127.0.0.1:{port}"))
+        .await
+        .expect_err("nothing listens there");
+    let refused_url = error.to_string().contains("invalid Redis URL");
+    assert_eq!(refused_url, !cfg!(feature = "redis-tls"), "{error}");
+}
+
 #[tokio::test]
 async fn an_unreachable_server_is_an_error_not_a_hang() {
     // A port nobody listens on: bound, then released.
