@@ -660,3 +660,37 @@ async fn a_redis_crash_mid_load_rejects_or_forwards_and_recovers() {
     )
     .await;
 }
+
+/// `auto_migrate = false`: the proxy does not create the PostgreSQL table (a keyed request meets
+/// a store error, `503`), and `idempotency-proxy migrate` with the same file does.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_auto_migrate_the_schema_comes_from_the_migrate_command() {
+    let store = Store::new(Kind::Postgres);
+    let upstream = Upstream::start().await;
+    let section = format!("{}auto_migrate = false\n", store.section());
+    let proxy = Proxy::start(&config(&upstream.url, &section));
+    let before = proxy.send(proxy.post("/payments", "before")).await;
+    assert_eq!(
+        before.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        before.text()
+    );
+
+    let migrated = std::process::Command::new(crate::support::PROXY_BIN)
+        .arg("migrate")
+        .arg("--config")
+        .arg(proxy.dir.path().join("proxy.toml"))
+        .env_remove("IDEMPOTENCY_STORE_URL")
+        .output()
+        .expect("run migrate");
+    assert!(
+        migrated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
+    let after = proxy.send(proxy.post("/payments", "after")).await;
+    assert!(after.status.is_success(), "{after:?}");
+    let retry = proxy.send(proxy.post("/payments", "after")).await;
+    assert!(retry.replayed(), "{retry:?}");
+}

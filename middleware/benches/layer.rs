@@ -45,7 +45,9 @@ fn layer_overhead(c: &mut Criterion) {
     // Records expire within milliseconds and are swept as fast, so a benchmark that writes
     // millions of them measures the layer, not the allocator under a growing heap.
     let layered = runtime.block_on(async {
-        let store = MemoryStore::with_sweep_interval(Duration::from_millis(5));
+        let store = MemoryStore::builder()
+            .sweep_interval(Duration::from_millis(5))
+            .build();
         let policy = Policy::default()
             .with_ttl(Duration::from_millis(5))
             .with_max_request_body(1024 * 1024usize);

@@ -54,7 +54,6 @@ fn main() {
                 .connect()
                 .await
                 .expect("connect to PostgreSQL");
-            store.migrate().await.expect("migrate");
             let table = format!("\"{}\".\"{}\"", store.schema(), store.table());
             let pool = sqlx::postgres::PgPoolOptions::new()
                 .max_connections(1)
@@ -172,7 +171,9 @@ fn memory(records: u64, body_bytes: usize) {
         .build()
         .expect("runtime");
     runtime.block_on(async move {
-        let store = MemoryStore::with_sweep_interval(Duration::from_secs(3600));
+        let store = MemoryStore::builder()
+            .sweep_interval(Duration::from_secs(3600))
+            .build();
         let stored = response(body_bytes);
         let encoded_len = stored.encode().len();
         let fingerprint = Fingerprint::from_bytes([7; 32]);

@@ -2,7 +2,19 @@
 //!
 //! Each check is a public async function taking a fresh, empty store, so a backend (ours or a
 //! third party's) runs the whole suite with one macro call and a factory that returns an isolated
-//! store (its own schema, key prefix or file):
+//! store (its own schema, key prefix or file).
+//!
+//! The suite is behind the `conformance` feature, so applications do not compile it. A crate
+//! with its own store enables it for its tests only:
+//!
+//! ```toml
+//! [dev-dependencies]
+//! tower-idempotency = { version = "0.1", features = ["conformance"] }
+//! tokio = { version = "1", features = ["macros", "rt-multi-thread"] }
+//! ```
+//!
+//! and runs it from a test file, for example `tests/conformance.rs` (the
+//! [`IdempotencyStore`] docs implement a complete store and run the suite on it):
 //!
 //! ```
 //! mod memory_store {

@@ -21,6 +21,48 @@
 //! }
 //! ```
 //!
+//! # A retry is replayed
+//!
+//! The layer in front of a handler that counts its calls: the second request with the same key
+//! gets the first response back, marked `Idempotent-Replayed`, and the handler ran once.
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use std::sync::Arc;
+//! use std::sync::atomic::{AtomicUsize, Ordering};
+//!
+//! use http::{Request, Response};
+//! use http_body_util::{BodyExt, Full};
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//! use tower_idempotency::{IdempotencyLayer, MemoryStore};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let calls = Arc::new(AtomicUsize::new(0));
+//! let counted = calls.clone();
+//! let service = ServiceBuilder::new()
+//!     .layer(IdempotencyLayer::new(MemoryStore::new()))
+//!     .service(service_fn(move |_request: Request<_>| {
+//!         let call = counted.fetch_add(1, Ordering::SeqCst) + 1;
+//!         async move { Ok::<_, Infallible>(Response::new(Full::from(format!("charge {call}")))) }
+//!     }));
+//!
+//! let charge = || {
+//!     Request::post("/payments")
+//!         .header("idempotency-key", "8e03978e")
+//!         .body(Full::from(r#"{"amount": 10}"#))
+//!         .unwrap()
+//! };
+//! let first = service.clone().oneshot(charge()).await.unwrap();
+//! assert!(first.headers().get("idempotent-replayed").is_none());
+//! assert_eq!(first.into_body().collect().await.unwrap().to_bytes(), "charge 1");
+//!
+//! let retry = service.oneshot(charge()).await.unwrap();
+//! assert_eq!(retry.headers()["idempotent-replayed"], "true");
+//! assert_eq!(retry.into_body().collect().await.unwrap().to_bytes(), "charge 1");
+//! assert_eq!(calls.load(Ordering::SeqCst), 1);
+//! # }
+//! ```
+//!
 //! # The request lifecycle
 //!
 //! First, for every request, the path is normalised (RFC 3986 section 6, see [`path`]): routes
@@ -77,8 +119,23 @@
 //!
 //! [`MemoryStore`] (feature `memory`, default), `SqliteStore` (`sqlite`), `PostgresStore`
 //! (`postgres`) and `RedisStore` (`redis`). Each implements [`IdempotencyStore`], whose contract
-//! the [`conformance`] suite checks.
+//! the `conformance` suite (feature `conformance`) checks.
+//!
+//! # Cargo features
+//!
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `memory` | yes | [`MemoryStore`] |
+//! | `sqlite` | | `SqliteStore` (sqlx) |
+//! | `postgres` | | `PostgresStore` (sqlx), without TLS |
+//! | `postgres-tls` | | `postgres` plus TLS (rustls, webpki roots) for `sslmode=require` |
+//! | `redis` | | `RedisStore` for Redis and Redis Cluster (redis-rs), without TLS |
+//! | `redis-tls` | | `redis` plus TLS (rustls, webpki roots) for `rediss://` URLs |
+//! | `conformance` | | the store contract suite, for a store's tests (a dev-dependency feature) |
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+#[cfg(feature = "conformance")]
 pub mod conformance;
 mod cookie;
 pub mod fingerprint;
@@ -110,6 +167,11 @@ pub use store::RedisStore;
 #[cfg(feature = "sqlite")]
 pub use store::SqliteStore;
 pub use store::{Begin, IdempotencyStore, LeaseToken, StoreError};
+
+/// The crate README (what crates.io shows), so that its example is compiled as a doctest.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+struct ReadmeDoctests;
 
 /// A type-erased error, as used by bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -114,10 +114,12 @@ async fn drop_schema(schema: &str) {
     .expect("drop the test schema");
 }
 
+/// A builder that leaves migrating to the test, which calls `migrate` itself.
 fn builder(schema: &str) -> PostgresStoreBuilder {
     PostgresStore::builder(database_url())
         .schema(schema)
         .max_connections(8)
+        .auto_migrate(false)
 }
 
 async fn connect(builder: PostgresStoreBuilder) -> PostgresStore {
@@ -717,4 +719,65 @@ async fn ping_debug_and_an_unreachable_server() {
         error.to_string().to_lowercase().contains("refused"),
         "{error}"
     );
+}
+
+#[tokio::test]
+async fn connect_migrates_unless_auto_migrate_is_off() {
+    sweep_stale_schemas().await;
+    let schema = fresh_schema();
+    let manual = connect(builder(&schema)).await;
+    assert!(
+        manual
+            .begin(&key("before"), &fingerprint(1), LONG)
+            .await
+            .is_err(),
+        "auto_migrate(false) must leave the table uncreated"
+    );
+    drop(manual);
+    let automatic = connect(builder(&schema).auto_migrate(true)).await;
+    let found = automatic.begin(&key("after"), &fingerprint(1), LONG).await;
+    assert!(matches!(found, Ok(Begin::Acquired { .. })), "{found:?}");
+    drop(automatic);
+    drop_schema(&schema).await;
+}
+
+#[tokio::test]
+async fn from_pool_serves_from_the_applications_own_pool() {
+    sweep_stale_schemas().await;
+    let schema = fresh_schema();
+    let pool = sqlx::PgPool::connect(&database_url())
+        .await
+        .expect("the application's pool");
+    let store = connect(PostgresStore::from_pool(pool.clone()).schema(&schema)).await;
+    complete(&store, "pooled", LONG).await;
+    // The record is in the application's database, through its pool.
+    let rows: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT count(*) FROM \"{schema}\".idempotency_records"
+    )))
+    .fetch_one(&pool)
+    .await
+    .expect("count through the application's pool");
+    assert_eq!(rows, 1);
+    drop(store);
+    pool.close().await;
+    drop_schema(&schema).await;
+}
+
+/// TLS is the `postgres-tls` feature's: with it `sslmode=require` connects (the test server has
+/// `ssl = on`), without it sqlx refuses to connect at all.
+#[tokio::test]
+async fn sslmode_require_needs_the_postgres_tls_feature() {
+    let url = database_url();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let connected = PostgresStore::builder(format!("{url}{separator}sslmode=require"))
+        .auto_migrate(false)
+        .connect()
+        .await;
+    if cfg!(feature = "postgres-tls") {
+        let store = connected.unwrap_or_else(|error| unreachable(error));
+        store.ping().await.expect("ping over TLS");
+    } else {
+        let error = connected.expect_err("no TLS support compiled in");
+        assert!(error.to_string().contains("TLS"), "{error}");
+    }
 }

@@ -23,9 +23,9 @@ const LONG: Duration = Duration::from_secs(600);
 const NOTIFY_WITHIN: Duration = Duration::from_secs(5);
 
 async fn connect(urls: &[String], prefix: &str) -> RedisStore {
-    RedisStore::builder()
+    RedisStore::cluster_builder(urls)
         .prefix(prefix)
-        .connect_cluster(urls)
+        .connect()
         .await
         .unwrap_or_else(|error| panic!("cannot connect to the test cluster {urls:?}: {error}"))
 }

@@ -406,10 +406,10 @@ async fn a_stalled_server_is_a_timeout_and_the_store_recovers() {
     let server = RedisServer::start();
     let url = server.url();
     let timeout = Duration::from_millis(200);
-    let store = RedisStore::builder()
+    let store = RedisStore::builder(&url)
         .prefix(unique_prefix("stall"))
         .response_timeout(timeout)
-        .connect(&url)
+        .connect()
         .await
         .expect("connect to the private server");
     let mut raw = raw_connection(&url).await;
@@ -563,7 +563,7 @@ async fn foreign_or_corrupt_values_are_errors_and_left_alone() {
 async fn invalid_configuration_is_refused_before_connecting() {
     let url = redis_url();
     for prefix in ["", "has space", "{tag}", "half{"] {
-        let refused = RedisStore::builder().prefix(prefix).connect(&url).await;
+        let refused = RedisStore::builder(&url).prefix(prefix).connect().await;
         let error = refused.expect_err("an invalid prefix must be refused");
         assert!(
             matches!(error, StoreError::Backend(_)) && error.to_string().contains("prefix"),
@@ -572,6 +572,49 @@ async fn invalid_configuration_is_refused_before_connecting() {
     }
     assert!(RedisStore::connect_cluster(&[]).await.is_err());
     assert!(RedisStore::connect("not a url").await.is_err());
+}
+
+#[tokio::test]
+async fn from_client_serves_from_the_applications_own_client() {
+    let url = redis_url();
+    let client = redis::Client::open(url.as_str()).expect("the application's client");
+    let prefix = unique_prefix("from-client");
+    let store = RedisStore::from_client(client.clone())
+        .prefix(&prefix)
+        .connect()
+        .await
+        .unwrap_or_else(|error| redis_support::unreachable(&url, &error));
+    let key = RecordKey::new(&Scope::from_bytes(b"from-client"), b"k");
+    let found = store
+        .begin(&key, &Fingerprint::from_bytes([1; 32]), LONG)
+        .await;
+    assert!(matches!(found, Ok(Begin::Acquired { .. })), "{found:?}");
+    // The record is on the application's server, under the store's prefix.
+    let mut raw = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut raw)
+        .await
+        .expect("KEYS");
+    assert_eq!(keys.len(), 1, "{keys:?}");
+}
+
+/// `rediss://` URLs are the `redis-tls` feature's: with it the store tries to connect (and here
+/// finds nobody listening), without it the URL itself is refused.
+#[tokio::test]
+async fn rediss_urls_need_the_redis_tls_feature() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    let error = RedisStore::connect(&format!("rediss://127.0.0.1:{port}"))
+        .await
+        .expect_err("nothing listens there");
+    let refused_url = error.to_string().contains("invalid Redis URL");
+    assert_eq!(refused_url, !cfg!(feature = "redis-tls"), "{error}");
 }
 
 #[tokio::test]

@@ -329,3 +329,45 @@ async fn an_in_memory_database_works_for_tests_and_development() {
     );
     assert!(acquire(&store, &key("other"), LONG).await > token);
 }
+
+#[tokio::test]
+async fn auto_migrate_off_leaves_migrating_to_an_explicit_migrate() {
+    let dir = TempDir::new().expect("temporary directory");
+    let store = SqliteStore::builder(url(&dir))
+        .auto_migrate(false)
+        .connect()
+        .await
+        .expect("open");
+    assert!(
+        store
+            .begin(&key("before"), &fingerprint(1), LONG)
+            .await
+            .is_err(),
+        "auto_migrate(false) must leave the tables uncreated"
+    );
+    store.migrate().await.expect("migrate");
+    store.migrate().await.expect("migrate again");
+    acquire(&store, &key("after"), LONG).await;
+}
+
+#[tokio::test]
+async fn from_pool_serves_from_the_applications_own_pool() {
+    let dir = TempDir::new().expect("temporary directory");
+    let options = url(&dir)
+        .parse::<sqlx::sqlite::SqliteConnectOptions>()
+        .expect("options")
+        .create_if_missing(true);
+    let pool = sqlx::SqlitePool::connect_with(options)
+        .await
+        .expect("the application's pool");
+    let store = SqliteStore::from_pool(pool.clone())
+        .connect()
+        .await
+        .expect("open on the pool");
+    complete(&store, "pooled", "body", LONG).await;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM idempotency_records")
+        .fetch_one(&pool)
+        .await
+        .expect("count through the application's pool");
+    assert_eq!(rows, 1);
+}

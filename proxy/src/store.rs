@@ -50,26 +50,26 @@ pub async fn open(config: &StoreConfig) -> Result<DynStore, OpenError> {
         }
         #[cfg(feature = "postgres")]
         Backend::Postgres => {
-            let store = postgres(config, url).await?;
-            if config.auto_migrate {
-                store.migrate().await.map_err(failed(config.backend))?;
-            }
+            let store = postgres(config, url, config.auto_migrate).await?;
             Ok(DynStore::new(store))
         }
         #[cfg(feature = "redis")]
         Backend::Redis => {
-            let store = redis_builder(config)
-                .connect(url)
+            let store = redis_builder(tower_idempotency::RedisStore::builder(url), config)
+                .connect()
                 .await
                 .map_err(failed(config.backend))?;
             Ok(DynStore::new(store))
         }
         #[cfg(feature = "redis")]
         Backend::RedisCluster => {
-            let store = redis_builder(config)
-                .connect_cluster(&config.urls)
-                .await
-                .map_err(failed(config.backend))?;
+            let store = redis_builder(
+                tower_idempotency::RedisStore::cluster_builder(&config.urls),
+                config,
+            )
+            .connect()
+            .await
+            .map_err(failed(config.backend))?;
             Ok(DynStore::new(store))
         }
         #[allow(
@@ -86,8 +86,8 @@ pub async fn migrate(config: &StoreConfig) -> Result<String, OpenError> {
         #[cfg(feature = "postgres")]
         Backend::Postgres => {
             let url = config.url.as_deref().unwrap_or_default();
-            let store = postgres(config, url).await?;
-            store.migrate().await.map_err(failed(config.backend))?;
+            // Connecting applies the migrations, whatever `auto_migrate` says for serving.
+            postgres(config, url, true).await?;
             Ok("postgres schema is up to date".to_owned())
         }
         Backend::Sqlite => {
@@ -111,8 +111,9 @@ pub async fn migrate(config: &StoreConfig) -> Result<String, OpenError> {
 async fn postgres(
     config: &StoreConfig,
     url: &str,
+    migrate: bool,
 ) -> Result<tower_idempotency::PostgresStore, OpenError> {
-    let mut builder = tower_idempotency::PostgresStore::builder(url);
+    let mut builder = tower_idempotency::PostgresStore::builder(url).auto_migrate(migrate);
     if let Some(schema) = &config.schema {
         builder = builder.schema(schema);
     }
@@ -132,8 +133,10 @@ async fn postgres(
 }
 
 #[cfg(feature = "redis")]
-fn redis_builder(config: &StoreConfig) -> tower_idempotency::store::RedisStoreBuilder {
-    let mut builder = tower_idempotency::RedisStore::builder();
+fn redis_builder(
+    mut builder: tower_idempotency::store::RedisStoreBuilder,
+    config: &StoreConfig,
+) -> tower_idempotency::store::RedisStoreBuilder {
     if let Some(prefix) = &config.prefix {
         builder = builder.prefix(prefix);
     }

@@ -110,14 +110,43 @@ impl Default for MemoryStore {
     }
 }
 
-impl MemoryStore {
-    /// An empty store. Inside a tokio runtime this also starts the expiry sweeper.
-    pub fn new() -> Self {
-        Self::with_sweep_interval(DEFAULT_SWEEP_INTERVAL)
+/// Configures a [`MemoryStore`]; from [`MemoryStore::builder`]. The other stores' builders
+/// `connect`; this one has nothing to connect to, so it `build`s.
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until `.build()`"]
+pub struct MemoryStoreBuilder {
+    sweep_interval: Duration,
+}
+
+impl MemoryStoreBuilder {
+    /// How often the sweeper removes expired records (default 1 s). Expired records are never
+    /// replayed whatever this is; it bounds how long they take memory.
+    pub fn sweep_interval(mut self, interval: Duration) -> Self {
+        self.sweep_interval = interval;
+        self
     }
 
-    /// An empty store whose sweeper runs every `interval`.
-    pub fn with_sweep_interval(interval: Duration) -> Self {
+    /// An empty store. Inside a tokio runtime this also starts the expiry sweeper.
+    pub fn build(self) -> MemoryStore {
+        MemoryStore::with_sweep_interval(self.sweep_interval)
+    }
+}
+
+impl MemoryStore {
+    /// An empty store with every default. Inside a tokio runtime this also starts the expiry
+    /// sweeper.
+    pub fn new() -> Self {
+        Self::builder().build()
+    }
+
+    /// A builder, to set the sweep interval.
+    pub fn builder() -> MemoryStoreBuilder {
+        MemoryStoreBuilder {
+            sweep_interval: DEFAULT_SWEEP_INTERVAL,
+        }
+    }
+
+    fn with_sweep_interval(interval: Duration) -> Self {
         let store = Self {
             inner: Arc::new(Inner {
                 shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
@@ -341,7 +370,9 @@ mod tests {
 
     #[tokio::test]
     async fn expired_records_are_purged_not_leaked() {
-        let store = MemoryStore::with_sweep_interval(Duration::from_secs(3600));
+        let store = MemoryStore::builder()
+            .sweep_interval(Duration::from_secs(3600))
+            .build();
         let fingerprint = Fingerprint::from_bytes([1; 32]);
         for i in 0..1000 {
             let Begin::Acquired { token } = store
@@ -376,7 +407,9 @@ mod tests {
 
     #[tokio::test]
     async fn the_sweeper_removes_expired_records_without_traffic() {
-        let store = MemoryStore::with_sweep_interval(Duration::from_millis(10));
+        let store = MemoryStore::builder()
+            .sweep_interval(Duration::from_millis(10))
+            .build();
         let fingerprint = Fingerprint::from_bytes([1; 32]);
         store
             .begin(&key(1), &fingerprint, Duration::from_millis(5))

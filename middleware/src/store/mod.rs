@@ -2,7 +2,7 @@
 //!
 //! A store keeps one record per [`RecordKey`]. A record is either **in flight** (a request holds
 //! a lease on it) or **completed** (it holds the response to replay). Every backend implements
-//! [`IdempotencyStore`] and passes the same [`conformance`](crate::conformance) suite.
+//! [`IdempotencyStore`] and passes the same `conformance` suite (feature `conformance`).
 //!
 //! | backend | feature | shared by | waiters woken by | expiry |
 //! |---|---|---|---|---|
@@ -28,7 +28,7 @@ pub use notify::{CompletionNotifier, Subscription};
 #[cfg(feature = "memory")]
 mod memory;
 #[cfg(feature = "memory")]
-pub use memory::MemoryStore;
+pub use memory::{MemoryStore, MemoryStoreBuilder};
 
 #[cfg(feature = "redis")]
 mod redis;
@@ -118,8 +118,8 @@ impl StoreError {
 ///
 /// # Contract
 ///
-/// Every implementation must uphold the following; [`conformance`](crate::conformance) checks
-/// each point against a real instance of the backend.
+/// Every implementation must uphold the following; the `conformance` suite (feature
+/// `conformance`) checks each point against a real instance of the backend.
 ///
 /// * **Atomic begin.** Of any number of concurrent `begin` calls for one key, at most one returns
 ///   [`Begin::Acquired`] while its lease is live. The others see `InFlight` (same fingerprint) or
@@ -146,6 +146,93 @@ impl StoreError {
 /// * **Expiry is enforced on read**: an expired record is never replayed, whether or not a
 ///   background task has deleted it yet, and expired records do not accumulate without bound.
 /// * **Independence.** Records of different keys never affect each other.
+///
+/// # Implementing a store
+///
+/// Implement the five required methods with `#[async_trait]`; [`CompletionNotifier`] wakes the
+/// subscribers of a store that notifies within one process. With the `conformance` feature (in
+/// `[dev-dependencies]`), your tests run the contract suite on your store. Here, a store that
+/// counts the leases it grants, around any other store:
+///
+/// ```
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use std::time::Duration;
+///
+/// use async_trait::async_trait;
+/// use tower_idempotency::fingerprint::Fingerprint;
+/// use tower_idempotency::store::Subscription;
+/// use tower_idempotency::{
+///     Begin, IdempotencyLayer, IdempotencyStore, LeaseToken, MemoryStore, RecordKey, StoreError,
+///     StoredResponse,
+/// };
+///
+/// struct Counting<S> {
+///     inner: S,
+///     leases: AtomicU64,
+/// }
+///
+/// #[async_trait]
+/// impl<S: IdempotencyStore> IdempotencyStore for Counting<S> {
+///     async fn begin(
+///         &self,
+///         key: &RecordKey,
+///         fingerprint: &Fingerprint,
+///         lock_ttl: Duration,
+///     ) -> Result<Begin, StoreError> {
+///         let found = self.inner.begin(key, fingerprint, lock_ttl).await?;
+///         if let Begin::Acquired { .. } = found {
+///             self.leases.fetch_add(1, Ordering::Relaxed);
+///         }
+///         Ok(found)
+///     }
+///
+///     async fn complete(
+///         &self,
+///         key: &RecordKey,
+///         token: LeaseToken,
+///         response: &StoredResponse,
+///         ttl: Duration,
+///     ) -> Result<(), StoreError> {
+///         self.inner.complete(key, token, response, ttl).await
+///     }
+///
+///     async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
+///         self.inner.release(key, token).await
+///     }
+///
+///     async fn renew(
+///         &self,
+///         key: &RecordKey,
+///         token: LeaseToken,
+///         lock_ttl: Duration,
+///     ) -> Result<(), StoreError> {
+///         self.inner.renew(key, token, lock_ttl).await
+///     }
+///
+///     fn subscribe(&self, key: &RecordKey) -> Subscription {
+///         self.inner.subscribe(key)
+///     }
+///
+///     // A shared store also implements `watch` (and `ping`); these have defaults.
+///     async fn watch(&self, key: &RecordKey) -> Result<bool, StoreError> {
+///         self.inner.watch(key).await
+///     }
+/// }
+///
+/// fn counting() -> Counting<MemoryStore> {
+///     Counting { inner: MemoryStore::new(), leases: AtomicU64::new(0) }
+/// }
+///
+/// # #[tokio::main(flavor = "multi_thread", worker_threads = 4)] async fn main() {
+/// let layer = IdempotencyLayer::new(counting());
+/// # drop(layer);
+/// // In your tests (`tests/conformance.rs`), one `#[tokio::test]` per check:
+/// //     tower_idempotency::store_conformance_tests!(|| async { counting() });
+/// // or every check in one test, as here:
+/// # #[cfg(feature = "conformance")]
+/// tower_idempotency::store_conformance_run_all!(|| async { counting() }).await;
+/// # }
+/// ```
 #[async_trait]
 pub trait IdempotencyStore: Send + Sync + 'static {
     /// Looks up `key` and, if it is free, takes a lease on it for `lock_ttl`. One round trip.

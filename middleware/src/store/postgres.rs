@@ -44,9 +44,10 @@ const LISTENER_TIMEOUT: Duration = Duration::from_secs(10);
 /// table.
 ///
 /// The sections below describe the table layout, the statements and why they are
-/// correct under concurrency. Connect with [`PostgresStore::connect`] or
-/// [`PostgresStore::builder`], then apply the schema once with [`PostgresStore::migrate`]
-/// (idempotent: calling it on every start is fine).
+/// correct under concurrency. Connect with [`PostgresStore::connect`],
+/// [`PostgresStore::builder`] or [`PostgresStore::from_pool`]; `connect` applies the schema
+/// ([`PostgresStore::migrate`], idempotent) unless [`PostgresStoreBuilder::auto_migrate`] is
+/// `false`.
 ///
 /// Cloning is cheap and shares the connection pool, the notification listener and the reaper;
 /// they stop when the last clone is dropped.
@@ -61,7 +62,6 @@ const LISTENER_TIMEOUT: Duration = Duration::from_secs(10);
 ///     .reaper_interval(Duration::from_secs(30))
 ///     .connect()
 ///     .await?;
-/// store.migrate().await?;
 /// let layer = IdempotencyLayer::new(store);
 /// # drop(layer); Ok(()) }
 /// ```
@@ -299,15 +299,26 @@ impl Statements {
     }
 }
 
-/// Configures and connects a [`PostgresStore`]; from [`PostgresStore::builder`].
+/// Configures and connects a [`PostgresStore`]; from [`PostgresStore::builder`] or
+/// [`PostgresStore::from_pool`].
 #[derive(Clone)]
+#[must_use = "a builder does nothing until `.connect().await`"]
 pub struct PostgresStoreBuilder {
-    url: String,
+    source: Source,
     schema: String,
     table: String,
     max_connections: Option<u32>,
     reaper_interval: Duration,
     reaper_batch: u32,
+    auto_migrate: bool,
+}
+
+/// Where the store's connections come from.
+#[derive(Clone)]
+enum Source {
+    Url(String),
+    /// The application's own pool, used as it is.
+    Pool(PgPool),
 }
 
 impl fmt::Debug for PostgresStoreBuilder {
@@ -319,6 +330,7 @@ impl fmt::Debug for PostgresStoreBuilder {
             .field("max_connections", &self.max_connections)
             .field("reaper_interval", &self.reaper_interval)
             .field("reaper_batch", &self.reaper_batch)
+            .field("auto_migrate", &self.auto_migrate)
             .finish_non_exhaustive()
     }
 }
@@ -362,29 +374,47 @@ impl PostgresStoreBuilder {
         self
     }
 
-    /// Validates the names, connects the pool and the notification listener, and starts the
-    /// reaper. Does not create the table: call [`PostgresStore::migrate`] for that.
+    /// Whether [`connect`](Self::connect) applies the migrations (default `true`), as
+    /// [`PostgresStore::migrate`] does. Set `false` when the serving role may not create tables:
+    /// migrate once with another role (`idempotency-proxy migrate`, or `migrate()`).
+    pub fn auto_migrate(mut self, auto_migrate: bool) -> Self {
+        self.auto_migrate = auto_migrate;
+        self
+    }
+
+    /// Validates the names, connects the pool (or takes the one given to
+    /// [`PostgresStore::from_pool`]) and the notification listener, applies the migrations
+    /// unless [`auto_migrate(false)`](Self::auto_migrate), and starts the reaper.
     ///
-    /// Fails if a name is invalid, the URL cannot be parsed or the server cannot be reached.
-    /// Must be called inside a tokio runtime.
+    /// Fails if a name is invalid, the URL cannot be parsed, the server cannot be reached or a
+    /// migration fails. Must be called inside a tokio runtime.
     pub async fn connect(self) -> Result<PostgresStore, StoreError> {
         sql::validate_identifier("schema", &self.schema).map_err(StoreError::backend)?;
         sql::validate_identifier("table", &self.table).map_err(StoreError::backend)?;
-        let options = PgConnectOptions::from_str(&self.url).map_err(StoreError::backend)?;
-        // One direct connection first: a pool retries a refused connection until its acquire
-        // timeout (30 s) and then reports only that it timed out, where this fails at once and
-        // says why.
-        let probe = PgConnection::connect_with(&options)
-            .await
-            .map_err(StoreError::backend)?;
-        if let Err(error) = probe.close().await {
-            tracing::debug!(%error, "closing the probe connection failed");
-        }
-        let pool = PgPoolOptions::new()
-            .max_connections(self.max_connections.unwrap_or_else(sql::default_pool_size))
-            .connect_with(options.clone())
-            .await
-            .map_err(StoreError::backend)?;
+        let (pool, options) = match self.source {
+            Source::Pool(pool) => {
+                let options = (*pool.connect_options()).clone();
+                (pool, options)
+            }
+            Source::Url(url) => {
+                let options = PgConnectOptions::from_str(&url).map_err(StoreError::backend)?;
+                // One direct connection first: a pool retries a refused connection until its
+                // acquire timeout (30 s) and then reports only that it timed out, where this
+                // fails at once and says why.
+                let probe = PgConnection::connect_with(&options)
+                    .await
+                    .map_err(StoreError::backend)?;
+                if let Err(error) = probe.close().await {
+                    tracing::debug!(%error, "closing the probe connection failed");
+                }
+                let pool = PgPoolOptions::new()
+                    .max_connections(self.max_connections.unwrap_or_else(sql::default_pool_size))
+                    .connect_with(options.clone())
+                    .await
+                    .map_err(StoreError::backend)?;
+                (pool, options)
+            }
+        };
 
         let channel = channel_name(&self.schema, &self.table);
         let notifier = CompletionNotifier::new();
@@ -412,7 +442,11 @@ impl PostgresStoreBuilder {
             _stop_listener: stop_listener,
         });
         sql::spawn_reaper(Arc::downgrade(&inner), self.reaper_interval, "postgres");
-        Ok(PostgresStore { inner })
+        let store = PostgresStore { inner };
+        if self.auto_migrate {
+            store.migrate().await?;
+        }
+        Ok(store)
     }
 }
 
@@ -421,12 +455,37 @@ impl PostgresStore {
     /// option sqlx's [`PgConnectOptions`] parses, including `sslmode`).
     pub fn builder(url: impl Into<String>) -> PostgresStoreBuilder {
         PostgresStoreBuilder {
-            url: url.into(),
+            source: Source::Url(url.into()),
             schema: DEFAULT_SCHEMA.to_owned(),
             table: DEFAULT_TABLE.to_owned(),
             max_connections: None,
             reaper_interval: sql::DEFAULT_REAPER_INTERVAL,
             reaper_batch: sql::DEFAULT_REAPER_BATCH,
+            auto_migrate: true,
+        }
+    }
+
+    /// A builder for a store in the application's own pool (its tables may live in the same
+    /// database; give the store a schema or table of its own). The pool is used as it is, so
+    /// [`max_connections`](PostgresStoreBuilder::max_connections) does not apply; the
+    /// notification listener and [`migrate`](Self::migrate) open connections of their own with
+    /// the pool's connect options.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tower_idempotency::PostgresStore;
+    ///
+    /// let pool = sqlx::PgPool::connect("postgres://app@db.internal/app").await?;
+    /// let store = PostgresStore::from_pool(pool.clone())
+    ///     .schema("idempotency")
+    ///     .connect()
+    ///     .await?;
+    /// # drop(store); Ok(()) }
+    /// ```
+    pub fn from_pool(pool: PgPool) -> PostgresStoreBuilder {
+        PostgresStoreBuilder {
+            source: Source::Pool(pool),
+            ..Self::builder(String::new())
         }
     }
 
@@ -671,7 +730,7 @@ impl IdempotencyStore for PostgresStore {
 /// The migrations of `migrations/postgres` with the names filled in, and a migrator whose
 /// bookkeeping table sits next to the records table.
 fn migrator(schema: &str, table: &str) -> Result<Migrator, StoreError> {
-    let templates = sqlx::migrate!("../migrations/postgres");
+    let templates = sqlx::migrate!("migrations/postgres");
     let migrations = templates
         .iter()
         .map(|template| {

@@ -94,7 +94,7 @@ const REAP: &str = concat!(
 /// # Tables
 ///
 /// Created by the migrations in `migrations/sqlite`, which [`SqliteStore`] applies itself when it
-/// connects (sqlx bookkeeping in `idempotency_migrations`, so the file may also hold an
+/// connects, unless [`SqliteStoreBuilder::auto_migrate`] says otherwise (sqlx bookkeeping in `idempotency_migrations`, so the file may also hold an
 /// application's own sqlx-migrated tables):
 ///
 /// `idempotency_records`, one row per record key:
@@ -154,14 +154,25 @@ struct Inner {
     notifier: CompletionNotifier,
 }
 
-/// Configures and opens a [`SqliteStore`]; from [`SqliteStore::builder`].
+/// Configures and opens a [`SqliteStore`]; from [`SqliteStore::builder`] or
+/// [`SqliteStore::from_pool`].
 #[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until `.connect().await`"]
 pub struct SqliteStoreBuilder {
-    url: String,
+    source: Source,
     max_connections: Option<u32>,
     busy_timeout: Duration,
     reaper_interval: Duration,
     reaper_batch: u32,
+    auto_migrate: bool,
+}
+
+/// Where the store's connections come from.
+#[derive(Debug, Clone)]
+enum Source {
+    Url(String),
+    /// The application's own pool, used as it is.
+    Pool(SqlitePool),
 }
 
 impl SqliteStoreBuilder {
@@ -191,25 +202,41 @@ impl SqliteStoreBuilder {
         self
     }
 
-    /// Opens the database (creating the file if missing) in WAL mode, applies the migrations and
-    /// starts the reaper. Must be called inside a tokio runtime.
+    /// Whether [`connect`](Self::connect) applies the migrations (default `true`). With `false`,
+    /// call [`SqliteStore::migrate`] yourself before the first request.
+    pub fn auto_migrate(mut self, auto_migrate: bool) -> Self {
+        self.auto_migrate = auto_migrate;
+        self
+    }
+
+    /// Opens the database (creating the file if missing) in WAL mode, or takes the pool given to
+    /// [`SqliteStore::from_pool`]; applies the migrations unless
+    /// [`auto_migrate(false)`](Self::auto_migrate); starts the reaper. Must be called inside a
+    /// tokio runtime.
     pub async fn connect(self) -> Result<SqliteStore, StoreError> {
-        let options = SqliteConnectOptions::from_str(&self.url)
-            .map_err(StoreError::backend)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .busy_timeout(self.busy_timeout);
-        let path = options.get_filename().to_owned();
-        let max_connections = self.max_connections.unwrap_or_else(|| {
-            let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
-            u32::try_from(cores.clamp(2, 8)).unwrap_or(8)
-        });
-        let pool = SqlitePoolOptions::new()
-            .max_connections(max_connections)
-            .connect_with(options)
-            .await
-            .map_err(StoreError::backend)?;
-        migrate(&pool).await?;
+        let pool = match self.source {
+            Source::Pool(pool) => pool,
+            Source::Url(url) => {
+                let options = SqliteConnectOptions::from_str(&url)
+                    .map_err(StoreError::backend)?
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .busy_timeout(self.busy_timeout);
+                let max_connections = self.max_connections.unwrap_or_else(|| {
+                    let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
+                    u32::try_from(cores.clamp(2, 8)).unwrap_or(8)
+                });
+                SqlitePoolOptions::new()
+                    .max_connections(max_connections)
+                    .connect_with(options)
+                    .await
+                    .map_err(StoreError::backend)?
+            }
+        };
+        let path = pool.connect_options().get_filename().to_owned();
+        if self.auto_migrate {
+            migrate(&pool).await?;
+        }
         let inner = Arc::new(Inner {
             pool,
             path,
@@ -223,7 +250,7 @@ impl SqliteStoreBuilder {
 
 /// Applies `migrations/sqlite`.
 async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
-    let mut migrator = sqlx::migrate!("../migrations/sqlite");
+    let mut migrator = sqlx::migrate!("migrations/sqlite");
     migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
     // A newer release may have applied migrations this one does not know (after a rollback):
     // they only ever add to the schema, so this release keeps working with it.
@@ -246,12 +273,41 @@ impl SqliteStore {
     /// [`SqliteConnectOptions`] parses.
     pub fn builder(url: impl Into<String>) -> SqliteStoreBuilder {
         SqliteStoreBuilder {
-            url: url.into(),
+            source: Source::Url(url.into()),
             max_connections: None,
             busy_timeout: DEFAULT_BUSY_TIMEOUT,
             reaper_interval: sql::DEFAULT_REAPER_INTERVAL,
             reaper_batch: sql::DEFAULT_REAPER_BATCH,
+            auto_migrate: true,
         }
+    }
+
+    /// A builder for a store in the application's own pool (its tables may share the file: the
+    /// store's are all named `idempotency_*`). The pool is used as it is, so
+    /// [`max_connections`](SqliteStoreBuilder::max_connections) and
+    /// [`busy_timeout`](SqliteStoreBuilder::busy_timeout) do not apply; open it in WAL mode with
+    /// a busy timeout, as [`builder`](Self::builder) does, or writes wait on readers.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tower_idempotency::SqliteStore;
+    ///
+    /// let pool = sqlx::SqlitePool::connect("sqlite://app.db").await?;
+    /// let store = SqliteStore::from_pool(pool.clone()).connect().await?;
+    /// # drop(store); Ok(()) }
+    /// ```
+    pub fn from_pool(pool: SqlitePool) -> SqliteStoreBuilder {
+        SqliteStoreBuilder {
+            source: Source::Pool(pool),
+            ..Self::builder(String::new())
+        }
+    }
+
+    /// Creates the tables or brings them up to date (sqlx bookkeeping in
+    /// `idempotency_migrations`). Idempotent; [`SqliteStoreBuilder::connect`] calls it unless
+    /// [`auto_migrate(false)`](SqliteStoreBuilder::auto_migrate) is set.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        migrate(&self.inner.pool).await
     }
 
     /// Opens the store at `url` with every default; see [`SqliteStoreBuilder::connect`].

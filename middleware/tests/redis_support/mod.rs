@@ -22,9 +22,9 @@ pub(crate) fn unique_prefix(tag: &str) -> String {
 /// Connects a store with a fresh prefix to the server under test, or fails the test saying how
 /// to start one: a missing server is a broken test environment, never a reason to skip.
 pub(crate) async fn store_at(url: &str, prefix: &str) -> RedisStore {
-    RedisStore::builder()
+    RedisStore::builder(url)
         .prefix(prefix)
-        .connect(url)
+        .connect()
         .await
         .unwrap_or_else(|error| unreachable(url, &error))
 }

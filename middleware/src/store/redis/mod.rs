@@ -53,8 +53,9 @@ static WATCH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("watc
 ///
 /// The store for a fleet that already runs Redis and can live with Redis' durability (records
 /// written just before a failover may be lost with it; see *Failover* below). Connect with
-/// [`RedisStore::connect`] / [`RedisStore::connect_cluster`], or through [`RedisStore::builder`]
-/// to choose the key prefix and timeouts. Cloning is cheap: clones share the connection and the
+/// [`RedisStore::connect`] / [`RedisStore::connect_cluster`], or through [`RedisStore::builder`],
+/// [`RedisStore::cluster_builder`] or [`RedisStore::from_client`] to choose the key prefix and
+/// timeouts. Cloning is cheap: clones share the connection and the
 /// subscriber.
 ///
 /// ```no_run
@@ -66,9 +67,9 @@ static WATCH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("watc
 /// #[tokio::main]
 /// async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 ///     // `RedisStore::connect(url)` uses the default key prefix, `idempotency`.
-///     let store = RedisStore::builder()
+///     let store = RedisStore::builder("redis://127.0.0.1:6379")
 ///         .prefix("payments")
-///         .connect("redis://127.0.0.1:6379")
+///         .connect()
 ///         .await?;
 ///     let app = Router::new()
 ///         .route("/payments", post(charge))
@@ -162,7 +163,7 @@ static WATCH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("watc
 ///
 /// # Redis Cluster
 ///
-/// [`RedisStoreBuilder::connect_cluster`] uses redis-rs' cluster client: scripts are routed by
+/// [`RedisStore::cluster_builder`] uses redis-rs' cluster client: scripts are routed by
 /// their one key to the shard that owns it, follow `MOVED`/`ASK` during resharding, and are loaded
 /// on every node. Classic (non-sharded) `PUBLISH` is forwarded by the cluster bus to every node, a
 /// publish from a script included, so the subscriber connects to a single node (the first URL
@@ -258,45 +259,62 @@ impl Connection {
 /// use std::time::Duration;
 /// use tower_idempotency::RedisStore;
 ///
-/// let store = RedisStore::builder()
+/// let store = RedisStore::cluster_builder(["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"])
 ///     .prefix("orders-idem")
 ///     .response_timeout(Duration::from_secs(1))
-///     .connect_cluster(&["redis://10.0.0.1:6379".into(), "redis://10.0.0.2:6379".into()])
+///     .connect()
 ///     .await?;
 /// # drop(store); Ok(()) }
 /// ```
 #[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until `.connect().await`"]
 pub struct RedisStoreBuilder {
+    target: Target,
     prefix: String,
     connection_timeout: Duration,
     response_timeout: Duration,
 }
 
-impl Default for RedisStoreBuilder {
-    fn default() -> Self {
+/// What the store connects to.
+#[derive(Clone)]
+enum Target {
+    Url(String),
+    Client(Box<Client>),
+    Cluster(Vec<String>),
+}
+
+impl fmt::Debug for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // URLs are left out: they may hold a password.
+        f.write_str(match self {
+            Self::Url(_) | Self::Client(_) => "Standalone",
+            Self::Cluster(_) => "Cluster",
+        })
+    }
+}
+
+impl RedisStoreBuilder {
+    fn new(target: Target) -> Self {
         Self {
+            target,
             prefix: DEFAULT_PREFIX.to_owned(),
             connection_timeout: DEFAULT_CONNECTION_TIMEOUT,
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
         }
     }
-}
 
-impl RedisStoreBuilder {
     /// Sets the key prefix (default `idempotency`): records are stored at `{prefix}:{hex}` and
     /// completions published on `{prefix}:completed`. Stores with different prefixes on one
     /// server never see each other's records.
     ///
     /// The prefix must be non-empty and contain no whitespace, `{` or `}` (braces would make it a
     /// Redis Cluster hash tag and put every record in one slot); `connect` checks it.
-    #[must_use]
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
         self
     }
 
     /// How long establishing a connection may take (default 2 seconds).
-    #[must_use]
     pub fn connection_timeout(mut self, timeout: Duration) -> Self {
         self.connection_timeout = timeout;
         self
@@ -304,21 +322,34 @@ impl RedisStoreBuilder {
 
     /// How long a command may wait for its reply (default 3 seconds) before it fails with
     /// [`StoreError::Timeout`].
-    #[must_use]
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.response_timeout = timeout;
         self
     }
 
-    /// Connects to a standalone Redis server (or a primary behind a proxy), for example
-    /// `redis://:password@127.0.0.1:6379/0` or `rediss://...` when built with TLS support.
+    /// Validates the prefix, connects, loads the scripts and subscribes to the completion
+    /// channel.
     ///
-    /// Commands go over one multiplexed connection that reconnects by itself (redis-rs'
-    /// `ConnectionManager`); completions arrive on one subscriber connection. Fails if the prefix
-    /// is invalid, the server cannot be reached, or it refuses to load the scripts.
-    pub async fn connect(self, url: &str) -> Result<RedisStore, StoreError> {
+    /// A standalone server (or a primary behind a proxy): commands go over one multiplexed
+    /// connection that reconnects by itself (redis-rs' `ConnectionManager`); completions arrive on
+    /// one subscriber connection. A cluster: commands are routed to the shard that owns their
+    /// key; completions arrive on one subscriber connection to the first node that answers.
+    /// Fails if the prefix or a URL is invalid, no server can be reached, or it refuses to load
+    /// the scripts.
+    pub async fn connect(self) -> Result<RedisStore, StoreError> {
+        match &self.target {
+            Target::Url(url) => {
+                let client = Client::open(url.as_str())
+                    .map_err(|error| context("invalid Redis URL", error))?;
+                self.connect_standalone(client).await
+            }
+            Target::Client(client) => self.connect_standalone((**client).clone()).await,
+            Target::Cluster(urls) => self.connect_cluster(urls).await,
+        }
+    }
+
+    async fn connect_standalone(&self, client: Client) -> Result<RedisStore, StoreError> {
         let prefix = validate_prefix(&self.prefix)?;
-        let client = Client::open(url).map_err(|error| context("invalid Redis URL", error))?;
         // redis-rs' default reconnect policy (6 attempts, exponential from 100 ms) keeps
         // commands, and `connect` itself, waiting about ten seconds for a server that is down.
         // A store call should rather fail within the layer's store timeout so the route's
@@ -335,13 +366,7 @@ impl RedisStoreBuilder {
             .await
     }
 
-    /// Connects to a Redis Cluster through any of its nodes (`urls`, at least one), for example
-    /// `["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"]`.
-    ///
-    /// Commands are routed to the shard that owns their key; completions arrive on one subscriber
-    /// connection to the first of `urls` that answers. Fails if the prefix is invalid, no node can
-    /// be reached, or the cluster refuses to load the scripts.
-    pub async fn connect_cluster(self, urls: &[String]) -> Result<RedisStore, StoreError> {
+    async fn connect_cluster(&self, urls: &[String]) -> Result<RedisStore, StoreError> {
         let prefix = validate_prefix(&self.prefix)?;
         if urls.is_empty() {
             return Err(StoreError::backend(ConfigError::NoClusterNodes));
@@ -401,21 +426,41 @@ impl RedisStoreBuilder {
 }
 
 impl RedisStore {
-    /// A builder, to set the key prefix or timeouts before connecting.
-    pub fn builder() -> RedisStoreBuilder {
-        RedisStoreBuilder::default()
+    /// A builder for a store on a standalone Redis server (or a primary behind a proxy), for
+    /// example `redis://:password@127.0.0.1:6379/0`, or `rediss://...` with the `redis-tls`
+    /// feature. An invalid URL is reported by [`connect`](RedisStoreBuilder::connect).
+    pub fn builder(url: impl AsRef<str>) -> RedisStoreBuilder {
+        RedisStoreBuilder::new(Target::Url(url.as_ref().to_owned()))
+    }
+
+    /// A builder for a store on a Redis Cluster, reached through any of its nodes (`urls`, at
+    /// least one), for example `["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"]`.
+    pub fn cluster_builder<U: AsRef<str>>(urls: impl IntoIterator<Item = U>) -> RedisStoreBuilder {
+        let urls = urls
+            .into_iter()
+            .map(|url| url.as_ref().to_owned())
+            .collect();
+        RedisStoreBuilder::new(Target::Cluster(urls))
+    }
+
+    /// A builder for a store on the server of the application's own `redis::Client`. The store
+    /// opens its own multiplexed connection and subscriber from it, with its own timeouts and
+    /// reconnect policy (a store call must fail within the layer's store timeout), so it never
+    /// holds up the application's connections.
+    pub fn from_client(client: Client) -> RedisStoreBuilder {
+        RedisStoreBuilder::new(Target::Client(Box::new(client)))
     }
 
     /// Connects to a standalone Redis server with the default prefix (`idempotency`); see
     /// [`RedisStoreBuilder::connect`].
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        Self::builder().connect(url).await
+        Self::builder(url).connect().await
     }
 
     /// Connects to a Redis Cluster with the default prefix (`idempotency`); see
-    /// [`RedisStoreBuilder::connect_cluster`].
+    /// [`RedisStoreBuilder::connect`].
     pub async fn connect_cluster(urls: &[String]) -> Result<Self, StoreError> {
-        Self::builder().connect_cluster(urls).await
+        Self::cluster_builder(urls).connect().await
     }
 
     /// The Redis key holding the record of `key`: `{prefix}:{hex}`.
@@ -664,7 +709,7 @@ enum ConfigError {
         "invalid Redis key prefix {0:?}: it must be non-empty, without whitespace, `{{` or `}}`"
     )]
     InvalidPrefix(String),
-    #[error("connect_cluster needs at least one node URL")]
+    #[error("a Redis Cluster store needs at least one node URL")]
     NoClusterNodes,
     #[error("unexpected reply from the {script} script: {reply}")]
     UnexpectedReply { script: &'static str, reply: String },
