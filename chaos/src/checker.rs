@@ -7,7 +7,7 @@
 //!   one of these happened between the two: a `kill -9` of the proxy that forwarded the previous
 //!   execution, a pause of that proxy past `lock_ttl`, an outcome the proxy could not know (the
 //!   upstream ran past `upstream_timeout` or the proxy went away before it answered), or a store
-//!   fault (down, cut, black-holed, slowed).
+//!   fault (down, cut, partitioned, slowed).
 //! * A rerun after some client was already acknowledged (2xx) for the key means the record of an
 //!   acknowledged response was lost: explained only by a store fault while that record was being
 //!   stored (the documented "store fails while storing a finished response" limit).
@@ -148,10 +148,16 @@ pub(crate) fn check(history: &History) -> Verdict {
             .or_default() += 1;
     }
     for attempt in &history.attempts {
-        *verdict.answers.entry(answer_name(&attempt.outcome)).or_default() += 1;
+        *verdict
+            .answers
+            .entry(answer_name(&attempt.outcome))
+            .or_default() += 1;
     }
     for fault in &history.faults {
-        *verdict.faults.entry(fault.kind.name().to_owned()).or_default() += 1;
+        *verdict
+            .faults
+            .entry(fault.kind.name().to_owned())
+            .or_default() += 1;
     }
 
     check_replies(history, &by_id, &by_key, &mut verdict);
@@ -218,12 +224,9 @@ fn check_replies(
             )));
         } else if attempt.replayed() {
             let key = (attempt.scope.clone(), attempt.key.clone());
-            let latest = by_key.get(&key).and_then(|executions| {
-                executions
-                    .iter()
-                    .filter(|e| e.start <= attempt.received)
-                    .next_back()
-            });
+            let latest = by_key
+                .get(&key)
+                .and_then(|executions| executions.iter().rfind(|e| e.start <= attempt.received));
             if let Some(latest) = latest.filter(|latest| latest.id != id) {
                 verdict.wrong_replays.push(finding(format!(
                     "op {} at {} ms got a replay of execution {id}, but execution {} of the key \

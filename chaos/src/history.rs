@@ -88,8 +88,9 @@ pub(crate) enum FaultKind {
     KillStore,
     /// Every store connection reset, new ones refused.
     CutStore,
-    /// Store connections open but nothing forwarded.
-    BlackholeStore,
+    /// Store connections open, every byte held until the partition heals (then delivered, as
+    /// TCP would after retransmitting).
+    PartitionStore,
     /// Every chunk to and from the store delayed.
     SlowStore,
     /// The upstream answers later than `upstream_timeout`.
@@ -102,7 +103,7 @@ impl FaultKind {
         FaultKind::PauseProxy,
         FaultKind::KillStore,
         FaultKind::CutStore,
-        FaultKind::BlackholeStore,
+        FaultKind::PartitionStore,
         FaultKind::SlowStore,
         FaultKind::SlowUpstream,
     ];
@@ -113,7 +114,7 @@ impl FaultKind {
             self,
             FaultKind::KillStore
                 | FaultKind::CutStore
-                | FaultKind::BlackholeStore
+                | FaultKind::PartitionStore
                 | FaultKind::SlowStore
         )
     }
@@ -124,7 +125,7 @@ impl FaultKind {
             FaultKind::PauseProxy => "SIGSTOP proxy",
             FaultKind::KillStore => "kill -9 store",
             FaultKind::CutStore => "store connection cut",
-            FaultKind::BlackholeStore => "store black-holed",
+            FaultKind::PartitionStore => "store partitioned",
             FaultKind::SlowStore => "store slowed",
             FaultKind::SlowUpstream => "upstream past upstream_timeout",
         }

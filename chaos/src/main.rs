@@ -58,6 +58,10 @@ struct Args {
     /// The proxies' upstream_timeout.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     upstream_timeout: Duration,
+    /// Store partitions drop the bytes they swallow instead of delivering them late (no real
+    /// network does this; it shows what the store clients make of a stream with a gap).
+    #[arg(long)]
+    partition_drops_bytes: bool,
     /// Judge a recorded history file instead of running.
     #[arg(long)]
     check: Option<PathBuf>,
@@ -114,8 +118,9 @@ async fn main_async(args: Args) -> Result<bool, String> {
             timings: Timings {
                 lock_ttl: args.lock_ttl,
                 upstream_timeout: args.upstream_timeout,
-                store_timeout: Duration::from_millis(500),
+                store_timeout: Duration::from_secs(1),
             },
+            drop_bytes: args.partition_drops_bytes,
         };
         eprintln!(
             "chaos: {store}, seed {}, {:?} at {}/s",

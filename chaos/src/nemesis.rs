@@ -21,6 +21,10 @@ pub(crate) struct Targets {
     pub(crate) proxies: Arc<Vec<Mutex<Proxy>>>,
     pub(crate) store: Arc<Mutex<Store>>,
     pub(crate) upstream: Recorder,
+    /// Partitions drop the bytes they hold instead of delivering them when healed (the fault
+    /// proxy's `Blackhole`): no TCP connection does that, but it shows what a client library
+    /// makes of a stream with bytes missing.
+    pub(crate) drop_bytes: bool,
 }
 
 /// Plays `plan`; returns the faults as they happened.
@@ -74,9 +78,15 @@ async fn inject(targets: &Targets, fault: &PlannedFault) {
             .await;
         }
         FaultKind::PauseProxy => {
-            targets.proxies[target].lock().expect("proxy").signal("STOP");
+            targets.proxies[target]
+                .lock()
+                .expect("proxy")
+                .signal("STOP");
             tokio::time::sleep(length).await;
-            targets.proxies[target].lock().expect("proxy").signal("CONT");
+            targets.proxies[target]
+                .lock()
+                .expect("proxy")
+                .signal("CONT");
         }
         FaultKind::KillStore => {
             let store = targets.store.clone();
@@ -85,10 +95,11 @@ async fn inject(targets: &Targets, fault: &PlannedFault) {
             let store = targets.store.clone();
             blocking(move || store.lock().expect("store").restart(target)).await;
         }
-        FaultKind::CutStore | FaultKind::BlackholeStore | FaultKind::SlowStore => {
+        FaultKind::CutStore | FaultKind::PartitionStore | FaultKind::SlowStore => {
             let fault_now = match fault.kind {
                 FaultKind::CutStore => Fault::Reset,
-                FaultKind::BlackholeStore => Fault::Blackhole,
+                FaultKind::PartitionStore if targets.drop_bytes => Fault::Blackhole,
+                FaultKind::PartitionStore => Fault::Stall,
                 _ => Fault::Latency(Duration::from_millis(fault.delay)),
             };
             targets.store.lock().expect("store").set_fault(fault_now);

@@ -58,8 +58,17 @@ pub(crate) fn table(verdict: &Verdict) -> String {
             phase.max_ms
         );
     }
-    for finding in &verdict.explained_double_executions {
+    const SHOWN: usize = 8;
+    for finding in verdict.explained_double_executions.iter().take(SHOWN) {
         let _ = writeln!(out, "  explained: {}", one_line(finding));
+    }
+    let more = verdict
+        .explained_double_executions
+        .len()
+        .saturating_sub(SHOWN);
+    if more > 0 {
+        let causes = explained_by_cause(verdict);
+        let _ = writeln!(out, "  ... {more} more; by cause: {}", counts(&causes));
     }
     for finding in &verdict.lost_records {
         if finding.cause.is_some() {
@@ -123,6 +132,25 @@ pub(crate) fn summary(verdicts: &[Verdict]) -> String {
         );
     }
     out
+}
+
+/// Explained double executions counted by the kind of their cause.
+pub(crate) fn explained_by_cause(verdict: &Verdict) -> std::collections::BTreeMap<String, usize> {
+    let mut causes = std::collections::BTreeMap::new();
+    for finding in &verdict.explained_double_executions {
+        let cause = finding.cause.as_deref().unwrap_or_default();
+        let kind = if cause.contains("killed") {
+            "holder killed"
+        } else if cause.contains("paused") {
+            "holder paused"
+        } else if cause.contains("outcome unknown") {
+            "upstream outcome unknown"
+        } else {
+            "store fault"
+        };
+        *causes.entry(kind.to_owned()).or_insert(0) += 1;
+    }
+    causes
 }
 
 fn counts(map: &std::collections::BTreeMap<String, usize>) -> String {

@@ -10,7 +10,9 @@ impl Rng {
     /// numbers other items drew.
     pub(crate) fn fork(seed: u64, stream: u64, index: u64) -> Self {
         let mut rng = Self(seed ^ stream.wrapping_mul(0xA076_1D64_78BD_642F));
-        rng.0 ^= rng.next().wrapping_add(index.wrapping_mul(0xE703_7ED1_A0B4_28DB));
+        rng.0 ^= rng
+            .next()
+            .wrapping_add(index.wrapping_mul(0xE703_7ED1_A0B4_28DB));
         rng
     }
 

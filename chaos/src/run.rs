@@ -26,6 +26,8 @@ pub(crate) struct Plan {
     pub(crate) rate: u64,
     pub(crate) proxy_binary: PathBuf,
     pub(crate) timings: Timings,
+    /// See [`Targets::drop_bytes`].
+    pub(crate) drop_bytes: bool,
 }
 
 /// Runs the plan and returns its history.
@@ -82,6 +84,7 @@ pub(crate) async fn run(plan: &Plan) -> Result<History, String> {
             proxies: proxies.clone(),
             store: store.clone(),
             upstream: upstream.recorder.clone(),
+            drop_bytes: plan.drop_bytes,
         },
         faults,
     ));
@@ -155,9 +158,7 @@ async fn verify(fleet: &Fleet) {
             let proxy = Rng::fork(fleet.seed, 4, index as u64).range(0, 3) as usize;
             // A retry of the same operation: the same op id, caller, key and body.
             operation.copies = 1;
-            fleet
-                .send_with_retries(&operation, &body, proxy, 12)
-                .await;
+            fleet.send_with_retries(&operation, &body, proxy, 12).await;
             drop(permit);
         }));
     }

@@ -52,11 +52,12 @@ pub(crate) fn plan(
             FaultKind::PauseProxy => (lock_ttl + rng.range(500, 1_500), 0),
             FaultKind::KillStore => (rng.range(500, 2_500), 0),
             FaultKind::CutStore => (rng.range(500, 2_500), 0),
-            FaultKind::BlackholeStore => (rng.range(1_000, 3_000), 0),
+            FaultKind::PartitionStore => (rng.range(1_000, 3_000), 0),
             FaultKind::SlowStore => (rng.range(2_000, 4_000), rng.range(50, 400)),
-            FaultKind::SlowUpstream => {
-                (rng.range(1_000, 3_000), upstream_timeout + rng.range(300, 800))
-            }
+            FaultKind::SlowUpstream => (
+                rng.range(1_000, 3_000),
+                upstream_timeout + rng.range(300, 800),
+            ),
         };
         if at + length + COOLDOWN_MS > duration {
             break;
@@ -103,7 +104,10 @@ mod tests {
     #[test]
     fn a_cluster_gets_no_connection_faults() {
         let plan = plan(1, 120_000, StoreKind::RedisCluster, 3, 2_000, 1_000);
-        assert!(plan.iter().all(|f| !f.kind.is_store() || f.kind == FaultKind::KillStore));
+        assert!(
+            plan.iter()
+                .all(|f| !f.kind.is_store() || f.kind == FaultKind::KillStore)
+        );
         assert!(plan.iter().any(|f| f.kind == FaultKind::KillStore));
     }
 }

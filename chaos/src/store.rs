@@ -16,10 +16,13 @@ pub(crate) enum StoreKind {
 }
 
 impl StoreKind {
-    pub(crate) const ALL: [StoreKind; 3] =
-        [StoreKind::Postgres, StoreKind::Redis, StoreKind::RedisCluster];
+    pub(crate) const ALL: [StoreKind; 3] = [
+        StoreKind::Postgres,
+        StoreKind::Redis,
+        StoreKind::RedisCluster,
+    ];
 
-    /// The store's connection goes through the fault proxy (cut, black hole, latency).
+    /// The store's connection goes through the fault proxy (cut, partition, latency).
     pub(crate) fn has_fault_proxy(self) -> bool {
         self != StoreKind::RedisCluster
     }
@@ -89,10 +92,12 @@ impl Store {
         let through = || self.fault_proxy.as_ref().expect("fault proxy").addr;
         match &self.servers {
             Servers::Postgres(_) => format!(
-                "backend = \"postgres\"\nurl = \"{}\"\n",
-                format!("postgres://postgres@{}/postgres", through())
+                "backend = \"postgres\"\nurl = \"postgres://postgres@{}/postgres\"\n",
+                through()
             ),
-            Servers::Redis(_) => format!("backend = \"redis\"\nurl = \"{}\"\n", format!("redis://{}", through())),
+            Servers::Redis(_) => {
+                format!("backend = \"redis\"\nurl = \"redis://{}\"\n", through())
+            }
             Servers::Cluster(cluster) => format!(
                 "backend = \"redis-cluster\"\nurls = [{}]\n",
                 cluster

@@ -11,6 +11,7 @@ use axum::response::IntoResponse;
 
 use crate::clock::Clock;
 use crate::history::Execution;
+use crate::rng::Rng;
 
 /// The upstream's shared state: the log and the delay the nemesis sets.
 #[derive(Clone)]
@@ -87,10 +88,11 @@ async fn record(
         });
         log.len() - 1
     };
-    let delay = recorder.delay_ms.load(Ordering::Relaxed);
-    if delay > 0 {
-        tokio::time::sleep(Duration::from_millis(delay)).await;
-    }
+    // A real service takes a while, so crashes and pauses find requests in flight: 20-300 ms,
+    // or the nemesis's delay past upstream_timeout.
+    let service = Rng::fork(0, 5, id).range(20, 300);
+    let delay = recorder.delay_ms.load(Ordering::Relaxed).max(service);
+    tokio::time::sleep(Duration::from_millis(delay)).await;
     recorder.log.lock().expect("log")[index].end = Some(recorder.clock.now());
     (
         [("content-type", "application/json")],

@@ -86,7 +86,8 @@ fn a_rerun_within_lock_ttl_fails_the_run_even_with_a_fault() {
     let mut h = history();
     h.executions.push(execution(1, 0, A, "k", 100));
     h.executions.push(execution(2, 1, A, "k", 900));
-    h.faults.push(fault(FaultKind::KillProxy, Some(0), 150, 400));
+    h.faults
+        .push(fault(FaultKind::KillProxy, Some(0), 150, 400));
     let verdict = check(&h);
     assert!(!verdict.passed());
     assert_eq!(verdict.unexplained_double_executions.len(), 1);
@@ -102,9 +103,14 @@ fn a_rerun_after_lock_ttl_without_a_fault_fails_the_run() {
     h.executions.push(execution(1, 0, A, "k", 100));
     h.executions.push(execution(2, 1, A, "k", 5_000));
     // A fault of another proxy explains nothing.
-    h.faults.push(fault(FaultKind::KillProxy, Some(2), 150, 400));
+    h.faults
+        .push(fault(FaultKind::KillProxy, Some(2), 150, 400));
     let verdict = check(&h);
-    assert_eq!(verdict.unexplained_double_executions.len(), 1, "{verdict:#?}");
+    assert_eq!(
+        verdict.unexplained_double_executions.len(),
+        1,
+        "{verdict:#?}"
+    );
     assert!(!verdict.passed());
 }
 
@@ -113,7 +119,8 @@ fn a_rerun_after_its_holder_was_killed_is_explained() {
     let mut h = history();
     h.executions.push(execution(1, 0, A, "k", 100));
     h.executions.push(execution(2, 1, A, "k", 2_500));
-    h.faults.push(fault(FaultKind::KillProxy, Some(0), 103, 600));
+    h.faults
+        .push(fault(FaultKind::KillProxy, Some(0), 103, 600));
     h.attempts.push(answer(1, 1, A, "k", 2_600, ok(2, false)));
     let verdict = check(&h);
     assert!(verdict.passed(), "{verdict:#?}");
@@ -183,7 +190,8 @@ fn a_replay_of_a_fenced_execution_fails_the_run() {
     let mut h = history();
     h.executions.push(execution(1, 0, A, "k", 100));
     h.executions.push(execution(2, 1, A, "k", 2_500));
-    h.faults.push(fault(FaultKind::PauseProxy, Some(0), 120, 3_000));
+    h.faults
+        .push(fault(FaultKind::PauseProxy, Some(0), 120, 3_000));
     h.attempts.push(answer(1, 0, A, "k", 3_100, ok(1, true)));
     let verdict = check(&h);
     assert_eq!(verdict.wrong_replays.len(), 1, "{verdict:#?}");
@@ -218,7 +226,8 @@ fn a_rerun_after_an_acknowledged_response_is_a_lost_record() {
     h.attempts.push(answer(1, 0, A, "k", 110, ok(1, false)));
     h.attempts.push(answer(2, 1, A, "k", 5_010, ok(2, false)));
     // A proxy kill explains a rerun, but not the loss of an acknowledged record.
-    h.faults.push(fault(FaultKind::KillProxy, Some(0), 200, 500));
+    h.faults
+        .push(fault(FaultKind::KillProxy, Some(0), 200, 500));
     let verdict = check(&h);
     assert_eq!(verdict.lost_records.len(), 1, "{verdict:#?}");
     assert_eq!(verdict.unexplained_losses(), 1);
