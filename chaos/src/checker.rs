@@ -3,14 +3,16 @@
 //!
 //! * Every key (caller + `Idempotency-Key`) executed more than once is explained by a fault that
 //!   GUARANTEES.md allows to cause it, or it is a defect. A rerun counts as explained only if it
-//!   started at least `lock_ttl` after the previous execution (no lease can expire sooner) and
-//!   one of these happened between the two: a `kill -9` of the proxy that forwarded the previous
-//!   execution, a pause of that proxy past `lock_ttl`, an outcome the proxy could not know (the
-//!   upstream ran past `upstream_timeout` or the proxy went away before it answered), or a store
-//!   fault (down, cut, partitioned, slowed).
+//!   started at least `lock_ttl` (less [`LEASE_SLACK_MS`]) after the previous execution (no lease
+//!   can expire sooner) and one of these happened between the two: a `kill -9` of the proxy that
+//!   forwarded the previous execution, a pause of that proxy past `lock_ttl`, an outcome the
+//!   proxy could not know (the upstream ran past `upstream_timeout` or the proxy went away before
+//!   it answered), or a store fault (down, cut, partitioned, slowed).
 //! * A rerun after some client was already acknowledged (2xx) for the key means the record of an
 //!   acknowledged response was lost: explained only by a store fault while that record was being
-//!   stored (the documented "store fails while storing a finished response" limit).
+//!   stored (the documented "store fails while storing a finished response" limit: the write
+//!   never happened). The run's store is durable (Redis `appendfsync always`, PostgreSQL
+//!   `synchronous_commit`), so a record once stored must survive a store restart.
 //! * Every 2xx names the execution it came from. It must be an execution of the same caller
 //!   (else: a replay across scopes), of the same key and body (else: a wrong replay); a fresh
 //!   answer must come from the proxy the client asked; a replay must be of the latest execution
@@ -22,8 +24,14 @@ use serde::Serialize;
 
 use crate::history::{Attempt, Execution, FaultEvent, FaultKind, History, Millis, Outcome};
 
-/// Slack for the gap between a lease being taken and the upstream logging the execution.
+/// Slack for a fault recorded just before the execution it hit was logged (a request already in
+/// the upstream's socket when its proxy was killed).
 pub(crate) const MARGIN_MS: Millis = 250;
+/// Slack for the gap between a lease being taken in the store and the upstream logging the
+/// execution: a slowed store delays the lease's answer to the proxy by up to 400 ms, and a
+/// loaded machine adds scheduling delay. A rerun sooner than `lock_ttl` minus this after the
+/// previous execution is a defect whatever the faults.
+pub(crate) const LEASE_SLACK_MS: Millis = 600;
 /// How long after a fault healed its requests count as "recovery".
 pub(crate) const RECOVERY_MS: Millis = 3_000;
 
@@ -302,7 +310,7 @@ fn check_reruns(
                  ms later",
                 previous.id, previous.proxy, previous.start, rerun.id, rerun.proxy, rerun.start
             );
-            if gap + MARGIN_MS < settings.lock_ttl_ms {
+            if gap + LEASE_SLACK_MS < settings.lock_ttl_ms {
                 finding.detail.push_str(&format!(
                     ": within lock_ttl ({} ms), while the first lease could not have expired",
                     settings.lock_ttl_ms
