@@ -75,6 +75,7 @@ pub mod fingerprint;
 pub mod headers;
 mod idempotency;
 pub mod key;
+pub mod lease;
 pub mod policy;
 pub mod problem;
 pub mod record;
@@ -86,6 +87,7 @@ pub use idempotency::{
     Idempotency, IdempotencyLayer, OutcomeUnknown, RequestBody, ResponseBody, ResponseFuture,
     ScopeFn,
 };
+pub use lease::{Checkpoint, CheckpointError, Lease};
 pub use policy::{OnConflict, OnStoreError, PathPattern, Policy, Routes};
 pub use record::StoredResponse;
 pub use scope::{RecordKey, Scope};

@@ -75,6 +75,11 @@ pub struct Policy {
     /// more get `429` before their body is read. Bounds what one caller can make the layer
     /// buffer. `0` means no limit. Default 100.
     pub max_in_flight_per_caller: usize,
+    /// Whether the lease is forwarded to the inner service's own upstream: the proxy then sends
+    /// `Idempotency-Lease-Token` and `Idempotency-Attempt` (see [`Lease`](crate::Lease)), so the
+    /// upstream can fence its writes. The handler-side [`Lease`](crate::Lease) extension is there
+    /// either way. Default `false`.
+    pub forward_lease: bool,
 }
 
 impl Default for Policy {
@@ -95,6 +100,7 @@ impl Default for Policy {
             max_response_body: 8 * 1024 * 1024,
             retry_after: Duration::from_secs(1),
             max_in_flight_per_caller: 100,
+            forward_lease: false,
         }
     }
 }
@@ -152,6 +158,8 @@ impl Policy {
         with_retry_after: retry_after: Duration;
         /// Sets [`Policy::max_in_flight_per_caller`].
         with_max_in_flight_per_caller: max_in_flight_per_caller: usize;
+        /// Sets [`Policy::forward_lease`].
+        with_forward_lease: forward_lease: bool;
     }
 
     /// Checks the values work together: durations are positive and a lease outlives its renewal
