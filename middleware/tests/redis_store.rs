@@ -52,7 +52,7 @@ fn response(body: &'static [u8]) -> StoredResponse {
 
 async fn acquire(store: &RedisStore, key: &RecordKey, tag: u8, lock: Duration) -> LeaseToken {
     match store.begin(key, &fingerprint(tag), lock).await {
-        Ok(Begin::Acquired { token }) => token,
+        Ok(Begin::Acquired { token, .. }) => token,
         other => panic!("expected to acquire a free key, got {other:?}"),
     }
 }
