@@ -119,7 +119,12 @@ async fn records_are_one_string_key_with_a_ttl_in_flight_and_completed() {
     );
 
     let in_flight = value(&mut raw, &name).await;
-    assert_eq!(in_flight.len(), 50, "an in-flight record is its header");
+    assert_eq!(
+        in_flight.len(),
+        54,
+        "an in-flight record is its header and its attempt"
+    );
+    assert_eq!(&in_flight[50..], &1u32.to_be_bytes(), "the first attempt");
     assert_eq!(
         &in_flight[..2],
         &[1, 1],
