@@ -11,6 +11,7 @@
 
 mod support;
 
+mod lease;
 mod proxy;
 mod redis;
 mod stores;

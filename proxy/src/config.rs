@@ -323,6 +323,9 @@ policy_fields! {
     /// Most keyed requests one caller (per `scope_headers`) may have in progress in this proxy;
     /// more get `429`. `0`: no limit. Default `100`.
     max_in_flight_per_caller: usize,
+    /// `true` sends the upstream `Idempotency-Lease-Token` and `Idempotency-Attempt` with every
+    /// request run under a lease, so it can fence its own writes. Default `false`.
+    forward_lease: bool,
 }
 
 mod defaults {
@@ -845,6 +848,9 @@ fn policy_from(fields: &PolicyConfig) -> Result<Policy, tower_idempotency::polic
     }
     if let Some(limit) = fields.max_in_flight_per_caller {
         policy.max_in_flight_per_caller = limit;
+    }
+    if let Some(forward) = fields.forward_lease {
+        policy.forward_lease = forward;
     }
     policy.validate()?;
     Ok(policy)

@@ -19,6 +19,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower::Service;
 use tower_idempotency::headers::remove_hop_by_hop;
+use tower_idempotency::lease::{Lease, remove_lease_headers};
 use tower_idempotency::problem::{Problem, ProblemKind};
 use tower_idempotency::{OutcomeUnknown, RequestBody};
 
@@ -197,6 +198,11 @@ impl Target {
 
         let headers = &mut parts.headers;
         remove_hop_by_hop(headers);
+        // Lease headers come from the proxy alone: a client's are dropped on every route.
+        remove_lease_headers(headers);
+        if let Some(lease) = parts.extensions.get::<Lease>().filter(|l| l.is_forwarded()) {
+            lease.insert_headers(headers);
+        }
         let original_host = headers.get(HOST).cloned();
         if let Some(client) = parts.extensions.get::<ClientAddr>() {
             let forwarded_for = match headers.get(&X_FORWARDED_FOR) {
