@@ -39,7 +39,11 @@ async fn forged_lease_headers_never_reach_the_upstream() {
         plain.client.get(format!("{}/headers", plain.base)),
     ] {
         assert_eq!(plain.send(forged(request)).await.status, StatusCode::OK);
-        assert_eq!(lease_headers(), (None, None), "forged headers were stripped");
+        assert_eq!(
+            lease_headers(),
+            (None, None),
+            "forged headers were stripped"
+        );
     }
 
     // Forwarded: the keyed request carries the proxy's lease, the others none.
@@ -56,10 +60,17 @@ async fn forged_lease_headers_never_reach_the_upstream() {
     assert_ne!(token.to_string(), FORGED_TOKEN);
     assert_eq!(attempt.as_deref(), Some("1"), "the first run");
     for request in [
-        forwarding.client.post(format!("{}/headers", forwarding.base)),
-        forwarding.client.get(format!("{}/headers", forwarding.base)),
+        forwarding
+            .client
+            .post(format!("{}/headers", forwarding.base)),
+        forwarding
+            .client
+            .get(format!("{}/headers", forwarding.base)),
     ] {
-        assert_eq!(forwarding.send(forged(request)).await.status, StatusCode::OK);
+        assert_eq!(
+            forwarding.send(forged(request)).await.status,
+            StatusCode::OK
+        );
         assert_eq!(lease_headers(), (None, None), "no lease, no lease headers");
     }
 }
@@ -109,7 +120,11 @@ async fn a_takeover_after_kill_9_forwards_a_larger_token_and_attempt_2() {
     )
     .await;
     let leases = upstream.leases_of("orphan");
-    assert_eq!(leases.len(), 2, "the first run and the takeover: {leases:?}");
+    assert_eq!(
+        leases.len(),
+        2,
+        "the first run and the takeover: {leases:?}"
+    );
     let ((Some(first), Some(1)), (Some(second), Some(2))) = (leases[0], leases[1]) else {
         panic!("expected attempts 1 then 2 with tokens, got {leases:?}");
     };

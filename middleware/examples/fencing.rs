@@ -60,7 +60,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 
     let (current, attempt) = acquire(&store, &key, lock_ttl).await;
     println!("holder 2 takes over with token {current}, attempt {attempt}");
-    assert!(debit(&db, current, 30).await?, "the takeover's debit applies");
+    assert!(
+        debit(&db, current, 30).await?,
+        "the takeover's debit applies"
+    );
 
     let refused = !debit(&db, stalled, 30).await?;
     println!("holder 1 wakes: its debit refused by last_fence: {refused}");

@@ -60,8 +60,7 @@ pub const MAX_CHECKPOINT_NAME: usize = 64;
 pub const MAX_CHECKPOINT_DATA: usize = 4096;
 
 /// `Idempotency-Lease-Token`: the fencing token the proxy forwards to its upstream.
-pub static IDEMPOTENCY_LEASE_TOKEN: HeaderName =
-    HeaderName::from_static("idempotency-lease-token");
+pub static IDEMPOTENCY_LEASE_TOKEN: HeaderName = HeaderName::from_static("idempotency-lease-token");
 /// `Idempotency-Attempt`: which run of the request this is (1 the first, 2 the first takeover).
 pub static IDEMPOTENCY_ATTEMPT: HeaderName = HeaderName::from_static("idempotency-attempt");
 
@@ -121,10 +120,9 @@ impl CheckpointError {
 }
 
 /// Stores a checkpoint for the lease; erased so that [`Lease`] need not be generic over the store.
-type CheckpointFn =
-    dyn Fn(RecordKey, LeaseToken, Checkpoint) -> BoxFuture<'static, Result<(), StoreError>>
-        + Send
-        + Sync;
+type CheckpointFn = dyn Fn(RecordKey, LeaseToken, Checkpoint) -> BoxFuture<'static, Result<(), StoreError>>
+    + Send
+    + Sync;
 
 /// The lease a request runs under, in the extensions of every request the layer runs.
 ///
@@ -222,7 +220,10 @@ impl Lease {
             IDEMPOTENCY_LEASE_TOKEN.clone(),
             HeaderValue::from(self.token().0),
         );
-        headers.insert(IDEMPOTENCY_ATTEMPT.clone(), HeaderValue::from(self.attempt()));
+        headers.insert(
+            IDEMPOTENCY_ATTEMPT.clone(),
+            HeaderValue::from(self.attempt()),
+        );
     }
 }
 
@@ -239,7 +240,10 @@ impl fmt::Debug for Lease {
             .field("key", &self.inner.key)
             .field("token", &self.token())
             .field("attempt", &self.attempt())
-            .field("recovery_point", &self.recovery_point().map(Checkpoint::name))
+            .field(
+                "recovery_point",
+                &self.recovery_point().map(Checkpoint::name),
+            )
             .finish_non_exhaustive()
     }
 }

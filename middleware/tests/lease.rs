@@ -167,8 +167,15 @@ async fn a_takeover_resumes_from_the_last_checkpoint_and_the_stalled_holder_is_r
 
     let ledger = ledger.lock().unwrap();
     assert_eq!(ledger.rides.len(), 1, "the ride was created once");
-    assert_eq!(ledger.charges.len(), 1, "the charge ran once, by the takeover");
-    assert!(ledger.charges[0] > ledger.rides[0], "under the larger token");
+    assert_eq!(
+        ledger.charges.len(),
+        1,
+        "the charge ran once, by the takeover"
+    );
+    assert!(
+        ledger.charges[0] > ledger.rides[0],
+        "under the larger token"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

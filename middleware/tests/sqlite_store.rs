@@ -198,7 +198,11 @@ async fn a_database_from_before_checkpoints_is_migrated() {
     // What 0001 left, applied the way the store applies it, and one lapsed lease.
     let migrator = sqlx::migrate!("../migrations/sqlite");
     let mut only_first = sqlx::migrate::Migrator::with_migrations(
-        migrator.iter().filter(|m| m.version == 1).cloned().collect(),
+        migrator
+            .iter()
+            .filter(|m| m.version == 1)
+            .cloned()
+            .collect(),
     );
     only_first.dangerous_set_table_name("idempotency_migrations");
     only_first.run(&mut conn).await.expect("0001");
@@ -218,7 +222,9 @@ async fn a_database_from_before_checkpoints_is_migrated() {
         .expect("the counter that issued it");
     conn.close().await.expect("close");
 
-    let store = SqliteStore::connect(&url(&dir)).await.expect("migrate on open");
+    let store = SqliteStore::connect(&url(&dir))
+        .await
+        .expect("migrate on open");
     let Begin::Acquired {
         token,
         attempt,

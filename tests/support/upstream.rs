@@ -13,6 +13,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use serde::Deserialize;
 
+/// `Idempotency-Lease-Token` and `Idempotency-Attempt` as a request carried them.
+pub type LeaseHeaders = (Option<u64>, Option<u32>);
+
 #[derive(Default)]
 struct Counts {
     total: AtomicUsize,
@@ -21,7 +24,7 @@ struct Counts {
     last_version: Mutex<Option<axum::http::Version>>,
     last_headers: Mutex<Option<HeaderMap>>,
     /// Per key, the `Idempotency-Lease-Token` and `Idempotency-Attempt` of every `charge` started.
-    leases_by_key: Mutex<HashMap<String, Vec<(Option<u64>, Option<u32>)>>>,
+    leases_by_key: Mutex<HashMap<String, Vec<LeaseHeaders>>>,
 }
 
 /// The upstream server, shut down when dropped.
@@ -105,7 +108,7 @@ impl Upstream {
     }
 
     /// The lease headers (token, attempt) of every request with `key` that started, in order.
-    pub fn leases_of(&self, key: &str) -> Vec<(Option<u64>, Option<u32>)> {
+    pub fn leases_of(&self, key: &str) -> Vec<LeaseHeaders> {
         self.counts
             .leases_by_key
             .lock()

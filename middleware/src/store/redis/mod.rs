@@ -47,8 +47,7 @@ static BEGIN: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("begi
 static COMPLETE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("complete.lua")));
 static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("renew.lua")));
 static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("release.lua")));
-static CHECKPOINT: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("checkpoint.lua")));
+static CHECKPOINT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("checkpoint.lua")));
 static WATCH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("watch.lua")));
 
 /// A store in Redis or Redis Cluster, shared by every process that connects to it with the same
@@ -246,7 +245,14 @@ impl Connection {
     /// Loads every script up front, so the first calls need no `NOSCRIPT` detour and a server
     /// that refuses scripts is found at start-up rather than on the first request.
     async fn load_scripts(&self) -> Result<(), RedisError> {
-        for script in [&*BEGIN, &*COMPLETE, &*RENEW, &*RELEASE, &*WATCH, &*CHECKPOINT] {
+        for script in [
+            &*BEGIN,
+            &*COMPLETE,
+            &*RENEW,
+            &*RELEASE,
+            &*WATCH,
+            &*CHECKPOINT,
+        ] {
             match self {
                 Self::Standalone(connection) => {
                     script.load_async(&mut connection.clone()).await?;
