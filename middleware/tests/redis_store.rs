@@ -85,6 +85,46 @@ fn be_u64(bytes: &[u8]) -> u64 {
     u64::from_be_bytes(bytes.try_into().expect("8 bytes"))
 }
 
+/// An in-flight value written before attempts were counted (the bare 50-byte header) still works:
+/// its lapsed lease is taken over as attempt 2, which then takes checkpoints.
+#[tokio::test]
+async fn an_in_flight_value_from_before_attempts_is_taken_over_as_attempt_2() {
+    let url = redis_url();
+    let prefix = unique_prefix("legacy");
+    let store = store_at(&url, &prefix).await;
+    let mut raw = raw_connection(&url).await;
+    let key = key("legacy");
+    let name = format!("{prefix}:{}", key.to_hex());
+    let mut old = vec![1u8, 1];
+    old.extend_from_slice(fingerprint(1).as_bytes());
+    old.extend_from_slice(&7u64.to_be_bytes());
+    old.extend_from_slice(&0u64.to_be_bytes()); // a lease deadline long past
+    let _: () = redis::cmd("SET")
+        .arg(&name)
+        .arg(old)
+        .arg("PX")
+        .arg(10_000)
+        .query_async(&mut raw)
+        .await
+        .expect("SET");
+    let Begin::Acquired {
+        token,
+        attempt,
+        recovery_point,
+    } = store.begin(&key, &fingerprint(1), LONG).await.unwrap()
+    else {
+        panic!("the lapsed lease must be taken over");
+    };
+    assert!(token.0 > 7);
+    assert_eq!((attempt, recovery_point), (2, None));
+    let point = tower_idempotency::Checkpoint::new("step", Bytes::from_static(b"1")).unwrap();
+    store
+        .checkpoint(&key, token, &point)
+        .await
+        .expect("checkpoint");
+    assert_eq!(&value(&mut raw, &name).await[50..54], &2u32.to_be_bytes());
+}
+
 /// One string key per record, `{prefix}:{hex}`, with the documented header, a PX TTL in flight
 /// (twice the lease) and when completed (the ttl), and a completion message carrying the hex key.
 #[tokio::test]
