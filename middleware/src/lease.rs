@@ -257,7 +257,8 @@ mod extract {
     use super::Lease;
 
     /// The request carries no [`Lease`]: the route is not behind the idempotency layer, its method
-    /// is not covered, or the request had no key. Answers `500` (a wiring mistake, not the
+    /// is not covered, the request had no key, or the store failed and the route runs requests
+    /// unprotected (`on_store_error = forward`). Answers `500` (a wiring mistake, not the
     /// client's); take `Option<Lease>` where running without a lease is expected.
     #[derive(Debug)]
     pub struct MissingLease;
