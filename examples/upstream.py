@@ -7,7 +7,11 @@ POST /payments  charges a card: takes 0.5 s, counts the charge, answers 201 with
 GET  /charges   how many charges ran (to see that a retried POST did not charge twice).
 POST /feed/...  an endpoint the example config leaves unprotected.
 
-The service itself does nothing about retries; the proxy in front of it does.
+The service itself does nothing about retries; the proxy in front of it does. With
+`forward_lease = true` (the example config sets it on /payments) it also fences its charges: the
+proxy sends `Idempotency-Lease-Token`, a takeover always a larger one, and a charge whose token is
+older than the newest this service has seen for the key is refused (409), so a proxy that stalled
+past lock_ttl cannot charge after its takeover did.
 """
 
 import argparse
@@ -20,6 +24,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 charges = itertools.count(1)
 charged = 0
 lock = threading.Lock()
+# Idempotency-Key -> the newest lease token seen for it. (A real service keeps this in the row
+# it writes, and checks it in the same statement: UPDATE ... WHERE last_fence < $token.)
+newest_token = {}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -44,10 +51,24 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length", 0))
         request = self.rfile.read(length)
         if self.path.startswith("/payments"):
+            key = self.headers.get("Idempotency-Key")
+            token = self.headers.get("Idempotency-Lease-Token")
+            token = int(token) if token and token.isdigit() else None
+            if key and token is not None:
+                with lock:  # seen on arrival: a takeover fences the older run even mid-flight
+                    newest_token[key] = max(newest_token.get(key, 0), token)
             time.sleep(0.5)  # the slow part: talking to the card network
             with lock:
-                charged += 1
-                charge_id = next(charges)
+                if key and token is not None and token < newest_token[key]:
+                    stale = True
+                else:
+                    stale = False
+                    charged += 1
+                    charge_id = next(charges)
+            if stale:
+                self._reply(409, {"error": "a newer attempt of this request owns it",
+                                  "token": token, "newest": newest_token[key]})
+                return
             self._reply(201, {"charge": f"ch_{charge_id}", "request": request.decode(errors="replace")})
         elif self.path.startswith("/feed"):
             self._reply(200, {"ok": True})

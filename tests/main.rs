@@ -16,6 +16,7 @@ mod http2_upstream;
 mod lifecycle;
 mod callers;
 mod paths;
+mod lease;
 mod proxy;
 mod redis;
 mod stores;

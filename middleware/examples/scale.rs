@@ -182,7 +182,7 @@ fn memory(records: u64, body_bytes: usize) {
         let started = Instant::now();
         for i in 0..records {
             let key = RecordKey::new(&scope, format!("key-{i}").as_bytes());
-            let Begin::Acquired { token } = store
+            let Begin::Acquired { token, .. } = store
                 .begin(&key, &fingerprint, LOCK_TTL)
                 .await
                 .expect("begin")
@@ -239,7 +239,7 @@ async fn reap<S, F, Fut>(
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
                 let key = RecordKey::new(&scope, format!("live-{run_id}-{w}-{i}").as_bytes());
-                if let Ok(Begin::Acquired { token }) =
+                if let Ok(Begin::Acquired { token, .. }) =
                     store.begin(&key, &fingerprint, LOCK_TTL).await
                 {
                     let _ = store.complete(&key, token, &stored, TTL).await;

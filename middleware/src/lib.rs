@@ -143,6 +143,7 @@ pub mod headers;
 mod idempotency;
 pub mod key;
 pub mod path;
+pub mod lease;
 pub mod policy;
 pub mod problem;
 pub mod record;
@@ -155,6 +156,7 @@ pub use idempotency::{
     ResponseBody,
     ResponseFuture, ScopeFn,
 };
+pub use lease::{Checkpoint, CheckpointError, Lease};
 pub use policy::{Anonymous, OnConflict, OnStoreError, PathPattern, Policy, Routes};
 pub use record::StoredResponse;
 pub use scope::{ClientIp, RecordKey, Scope};

@@ -105,6 +105,11 @@ pub struct Policy {
     /// response is delivered, the lease released, and a retry runs again. They say "not done,
     /// try later". Default `408`, `425`, `429`.
     pub never_store: Vec<StatusCode>,
+    /// Whether the lease is forwarded to the inner service's own upstream: the proxy then sends
+    /// `Idempotency-Lease-Token` and `Idempotency-Attempt` (see [`Lease`](crate::Lease)), so the
+    /// upstream can fence its writes. The handler-side [`Lease`](crate::Lease) extension is there
+    /// either way. Default `false`.
+    pub forward_lease: bool,
 }
 
 impl Default for Policy {
@@ -133,6 +138,7 @@ impl Default for Policy {
                 StatusCode::TOO_EARLY,
                 StatusCode::TOO_MANY_REQUESTS,
             ],
+            forward_lease: false,
         }
     }
 }
@@ -198,6 +204,8 @@ impl Policy {
         with_body_read_timeout: body_read_timeout: Duration;
         /// Sets [`Policy::never_store`].
         with_never_store: never_store: Vec<StatusCode>;
+        /// Sets [`Policy::forward_lease`].
+        with_forward_lease: forward_lease: bool;
     }
 
     /// Checks the values work together: durations are positive and a lease outlives its renewal

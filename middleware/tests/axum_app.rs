@@ -627,6 +627,15 @@ impl IdempotencyStore for Faulty {
         self.check()?;
         self.store.release(key, token).await
     }
+    async fn checkpoint(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        checkpoint: &tower_idempotency::Checkpoint,
+    ) -> Result<(), StoreError> {
+        self.check()?;
+        self.store.checkpoint(key, token, checkpoint).await
+    }
     async fn renew(
         &self,
         key: &RecordKey,

@@ -156,7 +156,7 @@ fn response(body: &str) -> StoredResponse {
 
 async fn acquire(store: &PostgresStore, key: &RecordKey, lock: Duration) -> u64 {
     match store.begin(key, &fingerprint(1), lock).await {
-        Ok(Begin::Acquired { token }) => token.0,
+        Ok(Begin::Acquired { token, .. }) => token.0,
         other => panic!("expected to acquire, got {other:?}"),
     }
 }
@@ -248,7 +248,7 @@ async fn begin_is_atomic_across_processes() {
     let tokens: Vec<u64> = outcomes
         .iter()
         .filter_map(|b| match b {
-            Begin::Acquired { token } => Some(token.0),
+            Begin::Acquired { token, .. } => Some(token.0),
             _ => None,
         })
         .collect();
@@ -597,11 +597,62 @@ async fn migrating_twice_or_concurrently_is_harmless() {
     .fetch_all(&mut conn)
     .await
     .expect("read the bookkeeping table");
-    assert_eq!(applied, [(1, true), (2, true)]);
+    assert_eq!(applied, [(1, true), (2, true), (3, true)]);
     // The store works on the migrated table.
     complete(&stores[1], "after-migrations", LONG).await;
 
     drop(stores);
+    drop_schema(&schema).await;
+}
+
+/// A table from before checkpoints (migrations 1 and 2 only) holding a lapsed lease is brought up
+/// to date by `migrate`, and the lease is taken over as attempt 2 and takes checkpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_table_from_before_checkpoints_is_migrated() {
+    let (store, schema) = fresh_store().await;
+    let mut conn = admin().await;
+    // Back to what the previous release left: no attempt or checkpoint columns, version 3 unknown.
+    for statement in [
+        format!(
+            "ALTER TABLE \"{schema}\".idempotency_records DROP COLUMN attempt, \
+             DROP COLUMN checkpoint_name, DROP COLUMN checkpoint_data"
+        ),
+        format!("DELETE FROM \"{schema}\".idempotency_records_migrations WHERE version = 3"),
+    ] {
+        sqlx::query(AssertSqlSafe(statement))
+            .execute(&mut conn)
+            .await
+            .expect("downgrade");
+    }
+    let lapsed = key("from-0002");
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO \"{schema}\".idempotency_records (key, fingerprint, response, expires_at) \
+         VALUES ($1, $2, NULL, now() - interval '1 second')"
+    )))
+    .bind(&lapsed.as_bytes()[..])
+    .bind(&fingerprint(1).as_bytes()[..])
+    .execute(&mut conn)
+    .await
+    .expect("an old lease");
+
+    store.migrate().await.expect("migrate the old table");
+    // A fresh store: the old one's pooled connections cached statements for the old row type.
+    let store = connect(builder(&schema)).await;
+    let Begin::Acquired {
+        token,
+        attempt,
+        recovery_point,
+    } = store.begin(&lapsed, &fingerprint(1), LONG).await.unwrap()
+    else {
+        panic!("the lapsed lease must be taken over");
+    };
+    assert_eq!((attempt, recovery_point), (2, None));
+    let point = tower_idempotency::Checkpoint::new("step", Bytes::from_static(b"1")).unwrap();
+    store
+        .checkpoint(&lapsed, token, &point)
+        .await
+        .expect("checkpoint on a migrated row");
+    drop(store);
     drop_schema(&schema).await;
 }
 

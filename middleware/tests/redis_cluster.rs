@@ -48,7 +48,7 @@ fn response(body: &'static str) -> StoredResponse {
 
 async fn acquire(store: &RedisStore, key: &RecordKey) -> LeaseToken {
     match store.begin(key, &fingerprint(), LONG).await {
-        Ok(Begin::Acquired { token }) => token,
+        Ok(Begin::Acquired { token, .. }) => token,
         other => panic!("expected to acquire a free key, got {other:?}"),
     }
 }

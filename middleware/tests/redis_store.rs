@@ -52,7 +52,7 @@ fn response(body: &'static [u8]) -> StoredResponse {
 
 async fn acquire(store: &RedisStore, key: &RecordKey, tag: u8, lock: Duration) -> LeaseToken {
     match store.begin(key, &fingerprint(tag), lock).await {
-        Ok(Begin::Acquired { token }) => token,
+        Ok(Begin::Acquired { token, .. }) => token,
         other => panic!("expected to acquire a free key, got {other:?}"),
     }
 }
@@ -83,6 +83,46 @@ async fn value(connection: &mut MultiplexedConnection, name: &str) -> Vec<u8> {
 
 fn be_u64(bytes: &[u8]) -> u64 {
     u64::from_be_bytes(bytes.try_into().expect("8 bytes"))
+}
+
+/// An in-flight value written before attempts were counted (the bare 50-byte header) still works:
+/// its lapsed lease is taken over as attempt 2, which then takes checkpoints.
+#[tokio::test]
+async fn an_in_flight_value_from_before_attempts_is_taken_over_as_attempt_2() {
+    let url = redis_url();
+    let prefix = unique_prefix("legacy");
+    let store = store_at(&url, &prefix).await;
+    let mut raw = raw_connection(&url).await;
+    let key = key("legacy");
+    let name = format!("{prefix}:{}", key.to_hex());
+    let mut old = vec![1u8, 1];
+    old.extend_from_slice(fingerprint(1).as_bytes());
+    old.extend_from_slice(&7u64.to_be_bytes());
+    old.extend_from_slice(&0u64.to_be_bytes()); // a lease deadline long past
+    let _: () = redis::cmd("SET")
+        .arg(&name)
+        .arg(old)
+        .arg("PX")
+        .arg(10_000)
+        .query_async(&mut raw)
+        .await
+        .expect("SET");
+    let Begin::Acquired {
+        token,
+        attempt,
+        recovery_point,
+    } = store.begin(&key, &fingerprint(1), LONG).await.unwrap()
+    else {
+        panic!("the lapsed lease must be taken over");
+    };
+    assert!(token.0 > 7);
+    assert_eq!((attempt, recovery_point), (2, None));
+    let point = tower_idempotency::Checkpoint::new("step", Bytes::from_static(b"1")).unwrap();
+    store
+        .checkpoint(&key, token, &point)
+        .await
+        .expect("checkpoint");
+    assert_eq!(&value(&mut raw, &name).await[50..54], &2u32.to_be_bytes());
 }
 
 /// One string key per record, `{prefix}:{hex}`, with the documented header, a PX TTL in flight
@@ -119,7 +159,12 @@ async fn records_are_one_string_key_with_a_ttl_in_flight_and_completed() {
     );
 
     let in_flight = value(&mut raw, &name).await;
-    assert_eq!(in_flight.len(), 50, "an in-flight record is its header");
+    assert_eq!(
+        in_flight.len(),
+        54,
+        "an in-flight record is its header and its attempt"
+    );
+    assert_eq!(&in_flight[50..], &1u32.to_be_bytes(), "the first attempt");
     assert_eq!(
         &in_flight[..2],
         &[1, 1],

@@ -59,6 +59,15 @@ impl IdempotencyStore for TempStore {
         self.store.release(key, token).await
     }
 
+    async fn checkpoint(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        checkpoint: &tower_idempotency::Checkpoint,
+    ) -> Result<(), StoreError> {
+        self.store.checkpoint(key, token, checkpoint).await
+    }
+
     async fn renew(
         &self,
         key: &RecordKey,
@@ -127,7 +136,7 @@ fn response(body: &'static str) -> StoredResponse {
 
 async fn acquire(store: &SqliteStore, key: &RecordKey, lock: Duration) -> LeaseToken {
     match store.begin(key, &fingerprint(1), lock).await {
-        Ok(Begin::Acquired { token }) => token,
+        Ok(Begin::Acquired { token, .. }) => token,
         other => panic!("expected to acquire, got {other:?}"),
     }
 }
@@ -175,7 +184,62 @@ async fn the_file_is_created_in_wal_mode_with_its_tables() {
         .fetch_all(&mut conn)
         .await
         .expect("bookkeeping table");
-    assert_eq!(applied, [1]);
+    assert_eq!(applied, [1, 2]);
+}
+
+/// A database written before 0002 (no attempt or checkpoint columns) is migrated on connect,
+/// and its rows keep working: a lapsed lease is taken over as attempt 2 and takes checkpoints.
+#[tokio::test]
+async fn a_database_from_before_checkpoints_is_migrated() {
+    let dir = TempDir::new().expect("temporary directory");
+    let mut conn = SqliteConnection::connect(&format!("{}?mode=rwc", url(&dir)))
+        .await
+        .expect("create");
+    // What 0001 left, applied the way the store applies it, and one lapsed lease.
+    let migrator = sqlx::migrate!("../migrations/sqlite");
+    let mut only_first = sqlx::migrate::Migrator::with_migrations(
+        migrator
+            .iter()
+            .filter(|m| m.version == 1)
+            .cloned()
+            .collect(),
+    );
+    only_first.dangerous_set_table_name("idempotency_migrations");
+    only_first.run(&mut conn).await.expect("0001");
+    let lapsed = key("from-0001");
+    sqlx::query(
+        "INSERT INTO idempotency_records (key, fingerprint, token, response, expires_at) \
+         VALUES (?1, ?2, 7, NULL, 0)",
+    )
+    .bind(&lapsed.as_bytes()[..])
+    .bind(&fingerprint(1).as_bytes()[..])
+    .execute(&mut conn)
+    .await
+    .expect("an old lease");
+    sqlx::query("UPDATE idempotency_tokens SET last = 7")
+        .execute(&mut conn)
+        .await
+        .expect("the counter that issued it");
+    conn.close().await.expect("close");
+
+    let store = SqliteStore::connect(&url(&dir))
+        .await
+        .expect("migrate on open");
+    let Begin::Acquired {
+        token,
+        attempt,
+        recovery_point,
+    } = store.begin(&lapsed, &fingerprint(1), LONG).await.unwrap()
+    else {
+        panic!("the lapsed lease must be taken over");
+    };
+    assert!(token.0 > 7);
+    assert_eq!((attempt, recovery_point), (2, None));
+    let point = tower_idempotency::Checkpoint::new("step", Bytes::from_static(b"1")).unwrap();
+    store
+        .checkpoint(&lapsed, token, &point)
+        .await
+        .expect("checkpoint on a migrated row");
 }
 
 #[tokio::test]

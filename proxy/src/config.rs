@@ -384,6 +384,9 @@ policy_fields! {
     /// Statuses delivered but never stored (the retry runs again), besides every `5xx`, which is
     /// never stored either. Default `[408, 425, 429]`.
     never_store: Vec<StatusValue>,
+    /// `true` sends the upstream `Idempotency-Lease-Token` and `Idempotency-Attempt` with every
+    /// request run under a lease, so it can fence its own writes. Default `false`.
+    forward_lease: bool,
 }
 
 mod defaults {
@@ -949,6 +952,9 @@ fn policy_from(fields: &PolicyConfig) -> Result<Policy, tower_idempotency::polic
     }
     if let Some(statuses) = &fields.never_store {
         policy.never_store = statuses.iter().map(|status| status.0).collect();
+    }
+    if let Some(forward) = fields.forward_lease {
+        policy.forward_lease = forward;
     }
     policy.validate()?;
     Ok(policy)

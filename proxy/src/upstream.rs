@@ -22,6 +22,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tower::Service;
 use tower_idempotency::headers::remove_hop_by_hop;
+use tower_idempotency::lease::{Lease, remove_lease_headers};
 use tower_idempotency::problem::{Problem, ProblemKind};
 use tower_idempotency::{OutcomeUnknown, RequestBody};
 
@@ -237,6 +238,11 @@ impl Target {
         remove_hop_by_hop(headers);
         if let Some(protocol) = protocol {
             keep_upgrade(headers, protocol);
+        }
+        // Lease headers come from the proxy alone: a client's are dropped on every route.
+        remove_lease_headers(headers);
+        if let Some(lease) = parts.extensions.get::<Lease>().filter(|l| l.is_forwarded()) {
+            lease.insert_headers(headers);
         }
         let original_host = headers.get(HOST).cloned();
         if let Some(client) = parts.extensions.get::<ClientAddr>() {

@@ -13,6 +13,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use serde::Deserialize;
 
+/// `Idempotency-Lease-Token` and `Idempotency-Attempt` as a request carried them.
+pub type LeaseHeaders = (Option<u64>, Option<u32>);
+
 #[derive(Default)]
 struct Counts {
     total: AtomicUsize,
@@ -20,6 +23,8 @@ struct Counts {
     started_by_key: Mutex<HashMap<String, usize>>,
     last_version: Mutex<Option<axum::http::Version>>,
     last_headers: Mutex<Option<HeaderMap>>,
+    /// Per key, the `Idempotency-Lease-Token` and `Idempotency-Attempt` of every `charge` started.
+    leases_by_key: Mutex<HashMap<String, Vec<LeaseHeaders>>>,
 }
 
 /// The upstream server, shut down when dropped.
@@ -102,6 +107,17 @@ impl Upstream {
         self.counts.by_key.lock().expect("counts").clone()
     }
 
+    /// The lease headers (token, attempt) of every request with `key` that started, in order.
+    pub fn leases_of(&self, key: &str) -> Vec<LeaseHeaders> {
+        self.counts
+            .leases_by_key
+            .lock()
+            .expect("leases")
+            .get(key)
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// The HTTP version of the last request to `/headers`.
     pub fn last_version(&self) -> axum::http::Version {
         self.counts
@@ -160,6 +176,18 @@ async fn charge(
         .expect("counts")
         .entry(key_of(&headers))
         .or_default() += 1;
+    let number = |name: &str| headers.get(name)?.to_str().ok()?.parse().ok();
+    let lease = (
+        number("idempotency-lease-token"),
+        number("idempotency-attempt").and_then(|n: u64| u32::try_from(n).ok()),
+    );
+    counts
+        .leases_by_key
+        .lock()
+        .expect("leases")
+        .entry(key_of(&headers))
+        .or_default()
+        .push(lease);
     // The delay comes from the query (part of the fingerprint) or from `x-delay-ms` (not part of
     // it), so a retry can be fast while being the same request.
     let delay = headers

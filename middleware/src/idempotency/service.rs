@@ -299,9 +299,9 @@ impl<St: IdempotencyStore> Keyed<St> {
             &body,
         );
         match self.begin(&fingerprint).await {
-            Ok(Begun::Acquired(token)) => {
+            Ok(Begun::Acquired(granted)) => {
                 m::outcome(m::Outcome::Executed);
-                self.execute(inner, body, token).await
+                self.execute(inner, body, granted).await
             }
             Ok(Begun::Answered(response)) => Ok(response),
             Err(error) => match self.policy.on_store_error {
@@ -391,7 +391,7 @@ impl<St: IdempotencyStore> Keyed<St> {
             call,
             Box::new(move |begun: BeginResult| {
                 Box::pin(async move {
-                    if let Ok(Begin::Acquired { token }) = begun {
+                    if let Ok(Begin::Acquired { token, .. }) = begun {
                         let store = shared.store();
                         let _ = shared
                             .timed(m::Operation::Release, store.release(&key, token))
@@ -413,7 +413,11 @@ impl<St: IdempotencyStore> Keyed<St> {
             let call = self.begin_call(*fingerprint);
             let begun = self.shared.timed(m::Operation::Begin, call).await?;
             match begun {
-                Begin::Acquired { token } => return Ok(Begun::Acquired(token)),
+                Begin::Acquired {
+                    token,
+                    attempt,
+                    recovery_point,
+                } => return Ok(Begun::Acquired((token, attempt, recovery_point))),
                 Begin::Completed(stored) => {
                     m::outcome(m::Outcome::Replayed);
                     let mut response = stored.into_response(ResponseBody::full);
@@ -473,7 +477,7 @@ impl<St: IdempotencyStore> Keyed<St> {
         self,
         inner: S,
         body: Bytes,
-        token: LeaseToken,
+        granted: Granted,
     ) -> Result<Response<ResponseBody<ResB>>, S::Error>
     where
         S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Send + 'static,
@@ -483,6 +487,16 @@ impl<St: IdempotencyStore> Keyed<St> {
         ResB: Body<Data = Bytes> + Send + 'static,
         ResB::Error: Into<BoxError>,
     {
+        let token = granted.0;
+        // The handler's view of the lease: its token to fence its own writes, its checkpoints.
+        let handler_lease = crate::lease::Lease::new(
+            self.shared.store.clone(),
+            self.record_key,
+            granted,
+            self.policy.forward_lease,
+        );
+        let mut parts = self.parts;
+        parts.extensions.insert(handler_lease);
         let lease = Lease::new(
             self.shared,
             self.policy,
@@ -490,7 +504,7 @@ impl<St: IdempotencyStore> Keyed<St> {
             token,
             self.permit,
         );
-        let request = Request::from_parts(self.parts, RequestBody::buffered(body));
+        let request = Request::from_parts(parts, RequestBody::buffered(body));
         // The client's response is made even if nobody is left to read it: storing it is the point.
         Detached::new(lease.run(inner, request), Box::new(|_| Box::pin(async {}))).await
     }
@@ -560,8 +574,11 @@ where
 
 type BeginResult = Result<Begin, StoreError>;
 
+/// A lease as `begin` granted it: token, attempt, recovery point.
+type Granted = (LeaseToken, u32, Option<crate::lease::Checkpoint>);
+
 enum Begun<B> {
-    Acquired(LeaseToken),
+    Acquired(Granted),
     Answered(Response<ResponseBody<B>>),
 }
 

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use super::{Begin, CompletionNotifier, IdempotencyStore, LeaseToken, StoreError, Subscription};
 use crate::fingerprint::Fingerprint;
+use crate::lease::Checkpoint;
 use crate::record::StoredResponse;
 use crate::scope::RecordKey;
 
@@ -70,6 +71,11 @@ enum State {
     InFlight {
         token: u64,
         lease_until: Instant,
+        /// A lapsed lease is kept this long (twice the lease, like Redis) so that its takeover
+        /// still counts the attempt and finds the recovery point.
+        keep_until: Instant,
+        attempt: u32,
+        recovery_point: Option<Checkpoint>,
     },
     Completed {
         response: Bytes,
@@ -80,7 +86,7 @@ enum State {
 impl Record {
     fn deadline(&self) -> Instant {
         match self.state {
-            State::InFlight { lease_until, .. } => lease_until,
+            State::InFlight { keep_until, .. } => keep_until,
             State::Completed { expires_at, .. } => expires_at,
         }
     }
@@ -261,8 +267,9 @@ impl IdempotencyStore for MemoryStore {
     ) -> Result<Begin, StoreError> {
         let now = Instant::now();
         let mut shard = self.shard(key);
-        if let Some(record) = shard.records.get(key) {
-            match &record.state {
+        let (mut attempt, mut recovery_point) = (1, None);
+        if let Some(record) = shard.records.get_mut(key) {
+            match &mut record.state {
                 State::InFlight { lease_until, .. } if *lease_until > now => {
                     return Ok(if record.fingerprint == *fingerprint {
                         Begin::InFlight
@@ -281,7 +288,17 @@ impl IdempotencyStore for MemoryStore {
                     drop(shard);
                     return Ok(Begin::Completed(StoredResponse::decode(response)?));
                 }
-                // Expired lease or record: taken over below.
+                // A lapsed lease of the same request: this is its next attempt, and resumes where
+                // it got to.
+                State::InFlight {
+                    attempt: previous,
+                    recovery_point: point,
+                    ..
+                } if record.fingerprint == *fingerprint => {
+                    attempt = previous.saturating_add(1);
+                    recovery_point = point.take();
+                }
+                // Expired record, or another request's lapsed lease: taken over below.
                 _ => {}
             }
         }
@@ -294,11 +311,16 @@ impl IdempotencyStore for MemoryStore {
                 state: State::InFlight {
                     token,
                     lease_until: now + lock_ttl,
+                    keep_until: now + lock_ttl.saturating_mul(2),
+                    attempt,
+                    recovery_point: recovery_point.clone(),
                 },
             },
         );
         Ok(Begin::Acquired {
             token: LeaseToken(token),
+            attempt,
+            recovery_point,
         })
     }
 
@@ -327,6 +349,23 @@ impl IdempotencyStore for MemoryStore {
         Ok(())
     }
 
+    async fn checkpoint(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        checkpoint: &Checkpoint,
+    ) -> Result<(), StoreError> {
+        self.with_lease(key, token, |shard, _| {
+            if let Some(Record {
+                state: State::InFlight { recovery_point, .. },
+                ..
+            }) = shard.records.get_mut(key)
+            {
+                *recovery_point = Some(checkpoint.clone());
+            }
+        })
+    }
+
     async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
         self.with_lease(key, token, |shard, _| shard.records.remove(key))?;
         self.inner.notifier.notify(key);
@@ -341,16 +380,21 @@ impl IdempotencyStore for MemoryStore {
     ) -> Result<(), StoreError> {
         self.with_lease(key, token, |shard, now| {
             let lease_until = now + lock_ttl;
+            let keep_until = now + lock_ttl.saturating_mul(2);
             if let Some(Record {
-                state: State::InFlight {
-                    lease_until: at, ..
-                },
+                state:
+                    State::InFlight {
+                        lease_until: at,
+                        keep_until: keep,
+                        ..
+                    },
                 ..
             }) = shard.records.get_mut(key)
             {
                 *at = lease_until;
+                *keep = keep_until;
             }
-            shard.deadlines.push(Reverse((lease_until, *key)));
+            shard.deadlines.push(Reverse((keep_until, *key)));
         })
     }
 
@@ -375,7 +419,7 @@ mod tests {
             .build();
         let fingerprint = Fingerprint::from_bytes([1; 32]);
         for i in 0..1000 {
-            let Begin::Acquired { token } = store
+            let Begin::Acquired { token, .. } = store
                 .begin(&key(i), &fingerprint, Duration::from_secs(60))
                 .await
                 .unwrap()

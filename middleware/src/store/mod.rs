@@ -19,6 +19,7 @@ use async_trait::async_trait;
 
 use crate::BoxError;
 use crate::fingerprint::Fingerprint;
+use crate::lease::Checkpoint;
 use crate::record::{DecodeError, StoredResponse};
 use crate::scope::RecordKey;
 
@@ -76,8 +77,13 @@ pub enum Begin {
     /// No live record existed (or the previous holder's lease had expired): the caller now holds
     /// the lease and must run the request, then `complete` or `release`.
     Acquired {
-        /// The fencing token to pass to `complete`, `renew` and `release`.
+        /// The fencing token to pass to `complete`, `renew`, `release` and `checkpoint`.
         token: LeaseToken,
+        /// 1 for the first run of the request; `n` when this takes over the lapsed lease of the
+        /// `n - 1`-th run of the same request (same fingerprint).
+        attempt: u32,
+        /// The last checkpoint an earlier run of the same request stored, if any.
+        recovery_point: Option<Checkpoint>,
     },
     /// A completed record with the same fingerprint: replay it.
     Completed(StoredResponse),
@@ -135,6 +141,15 @@ impl StoreError {
 ///   [`Begin::Completed`] with the stored status, headers (all values, in order) and body, for
 ///   `ttl` after completion; with another fingerprint it returns `Mismatch`. After `ttl` the record
 ///   is gone and `begin` acquires afresh.
+/// * **Attempts and recovery points.** A `begin` that takes over the lapsed lease of a request
+///   with the same fingerprint returns `attempt` one more than that lease's, and the last
+///   checkpoint stored under it (or under any earlier lease of the record); every other
+///   acquisition (a free key, an expired completed record, a lapsed lease of another request)
+///   returns attempt 1 and no recovery point. `checkpoint` replaces the record's recovery point
+///   only for the token of the current, in-flight lease (else [`StoreError::LeaseLost`], nothing
+///   changed), and never changes the lease's deadline. A recovery point lives as long as the
+///   in-flight record holding it: `complete` and `release` drop it, and so does the removal of
+///   a lapsed lease nobody took over (see each store for how long that is kept).
 /// * **Release.** After `release`, the key is free: the next `begin` acquires.
 /// * **Notification.** `complete` and `release` wake every [`Subscription`] of the key in this
 ///   process, and (for shared stores) those in every other process that has since called
@@ -252,6 +267,15 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         ttl: Duration,
     ) -> Result<(), StoreError>;
 
+    /// Stores `checkpoint` as the record's recovery point if `token` still holds the in-flight
+    /// lease; the next takeover of the same request gets it in [`Begin::Acquired`].
+    async fn checkpoint(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        checkpoint: &Checkpoint,
+    ) -> Result<(), StoreError>;
+
     /// Gives the lease up without storing a response, so a retry runs again; wakes subscribers.
     async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError>;
 
@@ -308,6 +332,15 @@ macro_rules! forward_store_impl {
 
             async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
                 (**self).release(key, token).await
+            }
+
+            async fn checkpoint(
+                &self,
+                key: &RecordKey,
+                token: LeaseToken,
+                checkpoint: &Checkpoint,
+            ) -> Result<(), StoreError> {
+                (**self).checkpoint(key, token, checkpoint).await
             }
 
             async fn renew(
@@ -385,6 +418,15 @@ impl IdempotencyStore for DynStore {
 
     async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
         (*self.0).release(key, token).await
+    }
+
+    async fn checkpoint(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        checkpoint: &Checkpoint,
+    ) -> Result<(), StoreError> {
+        (*self.0).checkpoint(key, token, checkpoint).await
     }
 
     async fn renew(

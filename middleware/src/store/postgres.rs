@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 use super::sql::{self, Reap};
 use super::{Begin, CompletionNotifier, IdempotencyStore, LeaseToken, StoreError, Subscription};
 use crate::fingerprint::Fingerprint;
+use crate::lease::Checkpoint;
 use crate::record::StoredResponse;
 use crate::scope::RecordKey;
 
@@ -78,6 +79,8 @@ const LISTENER_TIMEOUT: Duration = Duration::from_secs(10);
 /// | `token` | `bigint` identity | the fencing token of the lease |
 /// | `response` | `bytea` null | `NULL` in flight; [`StoredResponse::encode`] once completed |
 /// | `expires_at` | `timestamptz` | in flight: end of the lease; completed: end of the record |
+/// | `attempt` | `integer` | runs of the request so far (1, then one more per takeover) |
+/// | `checkpoint_name`, `checkpoint_data` | `text`, `bytea` null | the last recovery point |
 ///
 /// plus an index on `expires_at` for the reaper. A row is *live* while `expires_at > now()`;
 /// every statement treats a row that is not live as absent, whether or not the reaper has
@@ -136,10 +139,13 @@ const LISTENER_TIMEOUT: Duration = Duration::from_secs(10);
 ///   a second round trip, only in that race. The `ON CONFLICT` machinery is what makes `begin`
 ///   atomic: of any number of concurrent statements, exactly one inserts or takes over the row.
 ///
-/// # `complete`, `renew`, `release`
+/// # `complete`, `renew`, `release`, `checkpoint`
 ///
 /// Each is one statement conditional on the lease: `WHERE key = $1 AND token = $2 AND response IS
-/// NULL`. A concurrent takeover or a deletion makes the condition false (PostgreSQL re-checks it
+/// NULL`. That condition is the record's fencing check, and a plain statement: a handler whose
+/// effects live in the same database can run it inside its own transaction (for instance
+/// `UPDATE records SET checkpoint_name = $3 ... WHERE key = $1 AND token = $2 AND response IS
+/// NULL`, zero rows meaning its lease was taken over). A concurrent takeover or a deletion makes the condition false (PostgreSQL re-checks it
 /// against the newest row version after waiting for the row lock), so the statement changes no
 /// row and the call returns [`StoreError::LeaseLost`]. The condition deliberately ignores
 /// `expires_at`: a holder whose lease lapsed may still finish as long as nobody took over.
@@ -213,6 +219,7 @@ struct Inner {
 struct Statements {
     begin: SqlStr,
     complete: SqlStr,
+    checkpoint: SqlStr,
     renew: SqlStr,
     release: SqlStr,
     watch: SqlStr,
@@ -224,6 +231,9 @@ impl Statements {
         // Safe to interpolate: both names passed `sql::validate_identifier`.
         let t = format!("\"{schema}\".\"{table}\"");
         let sql = |text: String| AssertSqlSafe(Arc::<str>::from(text)).into_sql_str();
+        // The row taken over is a lapsed lease of the same request: the new lease is its next
+        // attempt and inherits its recovery point.
+        let same_run = "r.response IS NULL AND r.fingerprint = excluded.fingerprint";
         Self {
             begin: sql(format!(
                 "WITH existing AS ( \
@@ -238,12 +248,19 @@ impl Statements {
                      WHERE NOT EXISTS (SELECT FROM existing) \
                      ON CONFLICT (key) DO UPDATE \
                          SET fingerprint = excluded.fingerprint, token = excluded.token, \
-                             response = NULL, expires_at = excluded.expires_at \
+                             response = NULL, expires_at = excluded.expires_at, \
+                             attempt = CASE WHEN {same_run} THEN r.attempt + 1 ELSE 1 END, \
+                             checkpoint_name = CASE WHEN {same_run} \
+                                                    THEN r.checkpoint_name END, \
+                             checkpoint_data = CASE WHEN {same_run} \
+                                                    THEN r.checkpoint_data END \
                          WHERE r.expires_at <= now() \
-                     RETURNING r.token \
+                     RETURNING r.token, r.attempt::bigint AS attempt, r.checkpoint_name, \
+                               r.checkpoint_data \
                  ) \
                  SELECT acquired.token, existing.same_request, existing.in_flight, \
-                        existing.response \
+                        existing.response, acquired.attempt, acquired.checkpoint_name, \
+                        acquired.checkpoint_data \
                  FROM (SELECT) AS one \
                  LEFT JOIN acquired ON true \
                  LEFT JOIN existing ON true"
@@ -259,6 +276,10 @@ impl Statements {
                              THEN (SELECT 1 FROM pg_notify($5, encode(completed.key, 'hex'))) \
                              ELSE 1 END \
                  FROM completed"
+            )),
+            checkpoint: sql(format!(
+                "UPDATE {t} SET checkpoint_name = $3, checkpoint_data = $4 \
+                 WHERE key = $1 AND token = $2 AND response IS NULL"
             )),
             renew: sql(format!(
                 "UPDATE {t} SET expires_at = now() + $3 * interval '1 microsecond' \
@@ -595,8 +616,11 @@ fn stored_token(token: LeaseToken) -> Option<i64> {
 fn read_begin(row: &PgRow) -> Result<Option<Begin>, StoreError> {
     let acquired: Option<i64> = row.try_get(0).map_err(StoreError::backend)?;
     if let Some(token) = acquired {
+        let (attempt, recovery_point) = sql::run_from_row(row, 4)?;
         return Ok(Some(Begin::Acquired {
             token: LeaseToken(sql::token_from_column(token)?),
+            attempt,
+            recovery_point,
         }));
     }
     let same_request: Option<bool> = row.try_get(1).map_err(StoreError::backend)?;
@@ -667,6 +691,27 @@ impl IdempotencyStore for PostgresStore {
         }
         // Other processes learn it from the NOTIFY; waiters here need not wait for it.
         self.inner.notifier.notify(key);
+        Ok(())
+    }
+
+    async fn checkpoint(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        checkpoint: &Checkpoint,
+    ) -> Result<(), StoreError> {
+        let token = stored_token(token).ok_or(StoreError::LeaseLost)?;
+        let stored = sqlx::query(self.inner.statements.checkpoint.clone())
+            .bind(&key.as_bytes()[..])
+            .bind(token)
+            .bind(checkpoint.name())
+            .bind(&checkpoint.data()[..])
+            .execute(&self.inner.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        if stored.rows_affected() == 0 {
+            return Err(StoreError::LeaseLost);
+        }
         Ok(())
     }
 

@@ -107,6 +107,33 @@ pub(crate) fn token_from_column(token: i64) -> Result<u64, StoreError> {
         .map_err(|_| StoreError::backend(format!("stored lease token {token} is negative")))
 }
 
+/// The attempt and recovery point in columns `at`, `at + 1` (name) and `at + 2` (data) of `row`:
+/// what a new lease inherits.
+pub(crate) fn run_from_row<R>(
+    row: &R,
+    at: usize,
+) -> Result<(u32, Option<crate::lease::Checkpoint>), StoreError>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<Vec<u8>>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let attempt: i64 = row.try_get(at).map_err(StoreError::backend)?;
+    let name: Option<String> = row.try_get(at + 1).map_err(StoreError::backend)?;
+    let data: Option<Vec<u8>> = row.try_get(at + 2).map_err(StoreError::backend)?;
+    let attempt = u32::try_from(attempt.max(1)).unwrap_or(u32::MAX);
+    let recovery_point = match name {
+        None => None,
+        Some(name) => Some(
+            crate::lease::Checkpoint::new(name, data.unwrap_or_default())
+                .map_err(|error| StoreError::backend(format!("stored checkpoint: {error}")))?,
+        ),
+    };
+    Ok((attempt, recovery_point))
+}
+
 /// A store whose expired rows a reaper deletes.
 pub(crate) trait Reap: Send + Sync + 'static {
     /// Deletes every expired row, batch by batch; returns how many were deleted.

@@ -18,6 +18,7 @@ use sqlx::sqlite::{
 use super::sql::{self, Reap};
 use super::{Begin, CompletionNotifier, IdempotencyStore, LeaseToken, StoreError, Subscription};
 use crate::fingerprint::Fingerprint;
+use crate::lease::Checkpoint;
 use crate::record::StoredResponse;
 use crate::scope::RecordKey;
 
@@ -44,16 +45,35 @@ const LOOKUP: &str = concat!(
 );
 const NEXT_TOKEN: &str =
     "UPDATE idempotency_tokens SET last = last + 1 WHERE id = 1 RETURNING last";
+/// Whether the row being taken over is a lapsed lease of the same request: its next attempt.
+macro_rules! same_run {
+    () => {
+        "idempotency_records.response IS NULL \
+         AND idempotency_records.fingerprint = excluded.fingerprint"
+    };
+}
 /// Inserts the lease, or takes over the key's row; only run under the write lock, after `LOOKUP`
-/// found no live row.
+/// found no live row. Returns the attempt and the recovery point the new lease inherits.
 const ACQUIRE: &str = concat!(
     "INSERT INTO idempotency_records (key, fingerprint, token, response, expires_at) ",
     "VALUES (?1, ?2, ?3, NULL, ",
     now_ms!(),
     " + ?4) ",
     "ON CONFLICT (key) DO UPDATE SET fingerprint = excluded.fingerprint, ",
-    "token = excluded.token, response = NULL, expires_at = excluded.expires_at"
+    "token = excluded.token, response = NULL, expires_at = excluded.expires_at, ",
+    "attempt = CASE WHEN ",
+    same_run!(),
+    " THEN idempotency_records.attempt + 1 ELSE 1 END, ",
+    "checkpoint_name = CASE WHEN ",
+    same_run!(),
+    " THEN idempotency_records.checkpoint_name END, ",
+    "checkpoint_data = CASE WHEN ",
+    same_run!(),
+    " THEN idempotency_records.checkpoint_data END ",
+    "RETURNING attempt, checkpoint_name, checkpoint_data"
 );
+const CHECKPOINT: &str = "UPDATE idempotency_records SET checkpoint_name = ?3, checkpoint_data = ?4 \
+     WHERE key = ?1 AND token = ?2 AND response IS NULL";
 const COMPLETE: &str = concat!(
     "UPDATE idempotency_records SET response = ?3, expires_at = ",
     now_ms!(),
@@ -106,6 +126,8 @@ const REAP: &str = concat!(
 /// | `token` | `INTEGER` | the fencing token of the lease |
 /// | `response` | `BLOB` null | `NULL` while in flight; [`StoredResponse::encode`] once completed |
 /// | `expires_at` | `INTEGER` | Unix ms; in flight: lease end; completed: record end |
+/// | `attempt` | `INTEGER` | runs of the request so far (1, then one more per takeover) |
+/// | `checkpoint_name`, `checkpoint_data` | `TEXT`, `BLOB` null | the last recovery point |
 ///
 /// with an index on `expires_at`, and `idempotency_tokens`, one row holding the last token issued.
 /// Tokens come from that counter, never reset, so a token is larger than every token issued
@@ -410,18 +432,21 @@ impl IdempotencyStore for SqliteStore {
             .fetch_one(&mut *tx)
             .await
             .map_err(StoreError::backend)?;
-        sqlx::query(ACQUIRE)
+        let row = sqlx::query(ACQUIRE)
             .bind(&key.as_bytes()[..])
             .bind(&fingerprint.as_bytes()[..])
             .bind(token)
             .bind(sql::millis(lock_ttl))
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await
             .map_err(StoreError::backend)?;
+        let (attempt, recovery_point) = sql::run_from_row(&row, 0)?;
         // A failure before this point drops `tx`, which rolls it back: nothing half-written.
         tx.commit().await.map_err(StoreError::backend)?;
         Ok(Begin::Acquired {
             token: LeaseToken(sql::token_from_column(token)?),
+            attempt,
+            recovery_point,
         })
     }
 
@@ -446,6 +471,27 @@ impl IdempotencyStore for SqliteStore {
             return Err(StoreError::LeaseLost);
         }
         self.inner.notifier.notify(key);
+        Ok(())
+    }
+
+    async fn checkpoint(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        checkpoint: &Checkpoint,
+    ) -> Result<(), StoreError> {
+        let token = i64::try_from(token.0).map_err(|_| StoreError::LeaseLost)?;
+        let stored = sqlx::query(CHECKPOINT)
+            .bind(&key.as_bytes()[..])
+            .bind(token)
+            .bind(checkpoint.name())
+            .bind(&checkpoint.data()[..])
+            .execute(&self.inner.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        if stored.rows_affected() == 0 {
+            return Err(StoreError::LeaseLost);
+        }
         Ok(())
     }
 

@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 
 use super::{Begin, CompletionNotifier, IdempotencyStore, LeaseToken, StoreError, Subscription};
 use crate::fingerprint::Fingerprint;
+use crate::lease::Checkpoint;
 use crate::record::{DecodeError, StoredResponse};
 use crate::scope::RecordKey;
 
@@ -46,6 +47,7 @@ static BEGIN: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("begi
 static COMPLETE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("complete.lua")));
 static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("renew.lua")));
 static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("release.lua")));
+static CHECKPOINT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("checkpoint.lua")));
 static WATCH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("watch.lua")));
 
 /// A store in Redis or Redis Cluster, shared by every process that connects to it with the same
@@ -98,7 +100,10 @@ static WATCH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("watc
 /// 34      8   lease token, u64 big-endian
 /// 42      8   lease deadline, microseconds since the Unix epoch by the Redis server clock,
 ///             u64 big-endian (0 once completed)
-/// 50      ..  completed only: the response, as StoredResponse::encode() writes it
+/// 50      ..  in flight: the attempt, u32 big-endian, then the recovery point if any (name
+///             length u8, name, data); completed: the response, as StoredResponse::encode()
+///             writes it. (An in-flight value that ends at the header was written before
+///             attempts were counted: its run was the first.)
 /// ```
 ///
 /// A string rather than a hash: a hash field holding a response (usually more than 64 bytes)
@@ -118,7 +123,7 @@ static WATCH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("watc
 ///
 /// # Scripts
 ///
-/// Five Lua scripts, each loaded when the store connects and then called with `EVALSHA` (if
+/// Six Lua scripts, each loaded when the store connects and then called with `EVALSHA` (if
 /// Redis lost them, after a restart, a failover or `SCRIPT FLUSH`, the call reloads them and
 /// retries: `redis::Script` does this). A script runs atomically, so:
 ///
@@ -132,6 +137,9 @@ static WATCH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("watc
 ///   `complete` and `release` `PUBLISH` the completion in the same script when the record is
 ///   watched.
 /// * `watch` marks an in-flight record as waited for (state 3) and says whether it is in flight.
+/// * `checkpoint` checks the token like `renew`, then rewrites the in-flight value with the new
+///   recovery point (`SET ... KEEPTTL`: the lease and the key TTL stay). `begin` taking over the
+///   same request's lapsed lease counts one more attempt and carries the recovery point over.
 ///
 /// # Time and tokens
 ///
@@ -238,7 +246,14 @@ impl Connection {
     /// Loads every script up front, so the first calls need no `NOSCRIPT` detour and a server
     /// that refuses scripts is found at start-up rather than on the first request.
     async fn load_scripts(&self) -> Result<(), RedisError> {
-        for script in [&*BEGIN, &*COMPLETE, &*RENEW, &*RELEASE, &*WATCH] {
+        for script in [
+            &*BEGIN,
+            &*COMPLETE,
+            &*RENEW,
+            &*RELEASE,
+            &*WATCH,
+            &*CHECKPOINT,
+        ] {
             match self {
                 Self::Standalone(connection) => {
                     script.load_async(&mut connection.clone()).await?;
@@ -564,6 +579,20 @@ impl IdempotencyStore for RedisStore {
         Ok(())
     }
 
+    async fn checkpoint(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        checkpoint: &Checkpoint,
+    ) -> Result<(), StoreError> {
+        let mut invocation = CHECKPOINT.key(self.redis_key(key));
+        invocation
+            .arg(&token.0.to_be_bytes()[..])
+            .arg(encode_recovery_point(checkpoint));
+        let reply = self.invoke("checkpoint", &invocation).await?;
+        lease_outcome("checkpoint", reply)
+    }
+
     async fn renew(
         &self,
         key: &RecordKey,
@@ -622,11 +651,18 @@ fn parse_begin(reply: Value) -> Result<Begin, StoreError> {
         return Err(unexpected("begin", &reply));
     };
     match items.as_mut_slice() {
-        [Value::Int(1), Value::Int(token)] => match u64::try_from(*token) {
-            Ok(token) => Ok(Begin::Acquired {
+        [
+            Value::Int(1),
+            Value::Int(token),
+            Value::Int(attempt),
+            Value::BulkString(point),
+        ] => match (u64::try_from(*token), u32::try_from(*attempt)) {
+            (Ok(token), Ok(attempt)) => Ok(Begin::Acquired {
                 token: LeaseToken(token),
+                attempt,
+                recovery_point: decode_recovery_point(point)?,
             }),
-            Err(_) => Err(unexpected("begin", &Value::Int(*token))),
+            _ => Err(unexpected("begin", &Value::Int(*token))),
         },
         [Value::Int(2)] => Ok(Begin::InFlight),
         [Value::Int(3)] => Ok(Begin::Mismatch),
@@ -646,6 +682,32 @@ fn parse_begin(reply: Value) -> Result<Begin, StoreError> {
         )),
         _ => Err(unexpected("begin", &Value::Array(items))),
     }
+}
+
+/// The recovery point as the scripts store it: empty for none, else name length u8, name, data.
+fn encode_recovery_point(checkpoint: &Checkpoint) -> Vec<u8> {
+    let name = checkpoint.name().as_bytes();
+    let mut encoded = Vec::with_capacity(1 + name.len() + checkpoint.data().len());
+    // Names are at most MAX_CHECKPOINT_NAME (64) bytes: the length fits a byte.
+    encoded.push(u8::try_from(name.len()).unwrap_or(u8::MAX));
+    encoded.extend_from_slice(name);
+    encoded.extend_from_slice(checkpoint.data());
+    encoded
+}
+
+fn decode_recovery_point(stored: &[u8]) -> Result<Option<Checkpoint>, StoreError> {
+    let Some((&len, rest)) = stored.split_first() else {
+        return Ok(None);
+    };
+    let len = usize::from(len);
+    if rest.len() < len {
+        return Err(StoreError::Corrupt(DecodeError::Truncated));
+    }
+    let name = std::str::from_utf8(&rest[..len])
+        .map_err(|_| StoreError::Corrupt(DecodeError::Invalid("checkpoint name")))?;
+    Checkpoint::new(name, Bytes::copy_from_slice(&rest[len..]))
+        .map(Some)
+        .map_err(|_| StoreError::Corrupt(DecodeError::Invalid("checkpoint")))
 }
 
 /// What is wrong with a stored value that should have a header in `expected_state`, if anything.
@@ -749,9 +811,32 @@ mod tests {
     fn begin_replies_are_mapped() {
         let reply = |items: Vec<Value>| parse_begin(Value::Array(items));
         assert_eq!(
-            reply(vec![Value::Int(1), Value::Int(42)]).unwrap(),
+            reply(vec![
+                Value::Int(1),
+                Value::Int(42),
+                Value::Int(1),
+                Value::BulkString(vec![])
+            ])
+            .unwrap(),
             Begin::Acquired {
-                token: LeaseToken(42)
+                token: LeaseToken(42),
+                attempt: 1,
+                recovery_point: None,
+            }
+        );
+        let point = Checkpoint::new("charged", Bytes::from_static(b"\0ch_1")).unwrap();
+        assert_eq!(
+            reply(vec![
+                Value::Int(1),
+                Value::Int(43),
+                Value::Int(2),
+                Value::BulkString(encode_recovery_point(&point))
+            ])
+            .unwrap(),
+            Begin::Acquired {
+                token: LeaseToken(43),
+                attempt: 2,
+                recovery_point: Some(point),
             }
         );
         assert_eq!(reply(vec![Value::Int(2)]).unwrap(), Begin::InFlight);
@@ -792,8 +877,22 @@ mod tests {
             Err(StoreError::Corrupt(DecodeError::Truncated))
         ));
         assert!(matches!(
-            reply(vec![Value::Int(1), Value::Int(-1)]),
+            reply(vec![
+                Value::Int(1),
+                Value::Int(-1),
+                Value::Int(1),
+                Value::BulkString(vec![])
+            ]),
             Err(StoreError::Backend(_))
+        ));
+        assert!(matches!(
+            reply(vec![
+                Value::Int(1),
+                Value::Int(1),
+                Value::Int(2),
+                Value::BulkString(vec![9, b'a'])
+            ]),
+            Err(StoreError::Corrupt(DecodeError::Truncated))
         ));
         assert!(matches!(reply(vec![]), Err(StoreError::Backend(_))));
         assert!(matches!(
