@@ -70,6 +70,7 @@
 //! (`postgres`) and `RedisStore` (`redis`). Each implements [`IdempotencyStore`], whose contract
 //! the [`conformance`] suite checks.
 
+pub mod canonical_json;
 pub mod conformance;
 pub mod fingerprint;
 pub mod headers;
