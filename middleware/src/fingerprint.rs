@@ -5,10 +5,39 @@
 //! method, the path and query, the configured headers and the body, each length-prefixed so that
 //! no two different requests can produce the same input.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use http::{HeaderMap, HeaderName, Method, Uri};
 use sha2::{Digest, Sha256};
+
+use crate::canonical_json::{self, JsonPointer};
+
+/// How a request body takes part in its fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum BodyFingerprint {
+    /// The bytes as sent (the default): any change, whitespace included, is another request.
+    #[default]
+    Bytes,
+    /// The [canonical JSON](canonical_json) form, without the members the pointers name
+    /// (per-attempt fields such as timestamps or nonces): `{"a":1,"b":2}` and `{ "b": 2, "a": 1 }`
+    /// are one request. A body with no canonical form (not JSON, a repeated key) counts as bytes;
+    /// as valid JSON never equals invalid JSON, the two cannot be confused.
+    Json(Vec<JsonPointer>),
+}
+
+impl BodyFingerprint {
+    /// The bytes of `body` that the fingerprint hashes.
+    pub fn prepare<'a>(&self, body: &'a [u8]) -> Cow<'a, [u8]> {
+        match self {
+            Self::Bytes => Cow::Borrowed(body),
+            Self::Json(ignore) => {
+                canonical_json::canonical(body, ignore).map_or(Cow::Borrowed(body), Cow::Owned)
+            }
+        }
+    }
+}
 
 /// The sha256 digest of what makes a request "the same request".
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -81,6 +110,26 @@ mod tests {
         assert_ne!(base, fingerprint(Method::POST, "/pay?a=2", b"{}"));
         assert_ne!(base, fingerprint(Method::POST, "/pays?a=1", b"{}"));
         assert_ne!(base, fingerprint(Method::POST, "/pay?a=1", b"{ }"));
+    }
+
+    #[test]
+    fn json_bodies_can_be_compared_in_canonical_form() {
+        let json = BodyFingerprint::Json(vec!["/nonce".parse().unwrap()]);
+        let of = |body: &[u8]| fingerprint(Method::POST, "/pay", &json.prepare(body));
+        assert_eq!(
+            of(br#"{"a":1,"nonce":1}"#),
+            of(br#"{ "nonce": 2, "a": 1 }"#)
+        );
+        assert_ne!(of(br#"{"a":1}"#), of(br#"{"a":2}"#));
+        assert_eq!(
+            of(b"not json"),
+            fingerprint(Method::POST, "/pay", b"not json")
+        );
+        let bytes = BodyFingerprint::Bytes;
+        assert_ne!(
+            fingerprint(Method::POST, "/pay", &bytes.prepare(br#"{"a":1,"b":2}"#)),
+            fingerprint(Method::POST, "/pay", &bytes.prepare(br#"{"b":2,"a":1}"#)),
+        );
     }
 
     #[test]

@@ -135,6 +135,7 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod canonical_json;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod cookie;
