@@ -12,11 +12,11 @@
 mod support;
 
 mod body_lifecycle;
-mod http2_upstream;
-mod lifecycle;
 mod callers;
-mod paths;
+mod http2_upstream;
 mod lease;
+mod lifecycle;
+mod paths;
 mod proxy;
 mod redis;
 mod stores;

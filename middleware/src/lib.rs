@@ -143,8 +143,8 @@ pub mod fingerprint;
 pub mod headers;
 mod idempotency;
 pub mod key;
-pub mod path;
 pub mod lease;
+pub mod path;
 pub mod policy;
 pub mod problem;
 pub mod record;
@@ -154,8 +154,7 @@ pub mod telemetry;
 
 pub use idempotency::{
     BodyTimeout, Idempotency, IdempotencyLayer, LeasesInFlight, OutcomeUnknown, RequestBody,
-    ResponseBody,
-    ResponseFuture, ScopeFn,
+    ResponseBody, ResponseFuture, ScopeFn,
 };
 pub use lease::{Checkpoint, CheckpointError, Lease};
 pub use policy::{Anonymous, OnConflict, OnStoreError, PathPattern, Policy, Routes};

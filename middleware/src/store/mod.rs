@@ -23,7 +23,9 @@ use crate::lease::Checkpoint;
 use crate::record::{DecodeError, StoredResponse};
 use crate::scope::RecordKey;
 
+mod forget_feed;
 mod notify;
+pub use forget_feed::{ForgetEvent, ForgetFeed};
 pub use notify::{CompletionNotifier, Subscription};
 
 #[cfg(feature = "memory")]
@@ -305,6 +307,13 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    /// Records forgotten on purpose by any process sharing this store, as they happen, for
+    /// in-process caches of completed records (see [`ForgetFeed`]). `None`, the default: this
+    /// store cannot tell, and no cache may answer replays of its records.
+    fn forget_feed(&self) -> Option<ForgetFeed> {
+        None
+    }
 }
 
 macro_rules! forward_store_impl {
@@ -362,6 +371,10 @@ macro_rules! forward_store_impl {
 
             async fn ping(&self) -> Result<(), StoreError> {
                 (**self).ping().await
+            }
+
+            fn forget_feed(&self) -> Option<ForgetFeed> {
+                (**self).forget_feed()
             }
         }
     )*};
@@ -448,5 +461,9 @@ impl IdempotencyStore for DynStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         (*self.0).ping().await
+    }
+
+    fn forget_feed(&self) -> Option<ForgetFeed> {
+        (*self.0).forget_feed()
     }
 }
