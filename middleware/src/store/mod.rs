@@ -179,8 +179,8 @@ impl StoreError {
 /// use tower_idempotency::fingerprint::Fingerprint;
 /// use tower_idempotency::store::Subscription;
 /// use tower_idempotency::{
-///     Begin, IdempotencyLayer, IdempotencyStore, LeaseToken, MemoryStore, RecordKey, StoreError,
-///     StoredResponse,
+///     Begin, Checkpoint, IdempotencyLayer, IdempotencyStore, LeaseToken, MemoryStore, RecordKey,
+///     StoreError, StoredResponse,
 /// };
 ///
 /// struct Counting<S> {
@@ -224,6 +224,15 @@ impl StoreError {
 ///         lock_ttl: Duration,
 ///     ) -> Result<(), StoreError> {
 ///         self.inner.renew(key, token, lock_ttl).await
+///     }
+///
+///     async fn checkpoint(
+///         &self,
+///         key: &RecordKey,
+///         token: LeaseToken,
+///         checkpoint: &Checkpoint,
+///     ) -> Result<(), StoreError> {
+///         self.inner.checkpoint(key, token, checkpoint).await
 ///     }
 ///
 ///     fn subscribe(&self, key: &RecordKey) -> Subscription {
