@@ -42,7 +42,10 @@ async fn a_late_answer_is_stored_and_replayed_and_the_upstream_runs_once() {
     let started = Instant::now();
     let first = proxy.send(payment(&proxy, "late", 1000)).await;
     assert_pending(&first, "3");
-    assert!(started.elapsed() < Duration::from_millis(900), "answered at the timeout");
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "answered at the timeout"
+    );
 
     eventually(
         Duration::from_secs(5),
@@ -122,7 +125,10 @@ async fn a_late_answer_that_may_not_be_stored_releases_the_key() {
         retry = proxy.send(payment(&proxy, "unstorable", 0)).await;
     }
     assert_eq!(retry.status, StatusCode::CREATED, "{retry:?}");
-    assert!(!retry.replayed(), "never_store is never replayed: {retry:?}");
+    assert!(
+        !retry.replayed(),
+        "never_store is never replayed: {retry:?}"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(4),
         "released when the late answer came, not left to expire"
@@ -149,7 +155,12 @@ async fn sigterm_waits_for_a_pending_late_answer_and_stores_it() {
     proxy.signal("TERM");
     let status = proxy.wait_exit(Duration::from_secs(15));
     assert_eq!(status.code(), Some(0), "stderr:\n{}", proxy.stderr());
-    assert_eq!(upstream.runs_of("sigterm-late"), 1, "stderr:\n{}", proxy.stderr());
+    assert_eq!(
+        upstream.runs_of("sigterm-late"),
+        1,
+        "stderr:\n{}",
+        proxy.stderr()
+    );
 
     let restarted = Proxy::start(&text);
     let retry = restarted.send(payment(&restarted, "sigterm-late", 0)).await;

@@ -19,8 +19,8 @@ use tower_idempotency::fingerprint::Fingerprint;
 use tower_idempotency::record::StoredResponse;
 use tower_idempotency::store::Subscription;
 use tower_idempotency::{
-    Begin, IdempotencyLayer, IdempotencyStore, LeaseToken, MemoryStore, OnConflict, OnStoreError,
-    LateOutcome, OutcomeUnknown, Policy, RecordKey, Scope, StoreError,
+    Begin, IdempotencyLayer, IdempotencyStore, LateOutcome, LeaseToken, MemoryStore, OnConflict,
+    OnStoreError, OutcomeUnknown, Policy, RecordKey, Scope, StoreError,
 };
 
 #[derive(Clone, Default)]
@@ -93,7 +93,9 @@ async fn answers_late(State(counters): State<Counters>) -> Response {
     let operation = async move {
         tokio::time::sleep(Duration::from_millis(400)).await;
         let run = counters.run();
-        Ok::<_, std::convert::Infallible>((StatusCode::CREATED, format!("late {run}")).into_response())
+        Ok::<_, std::convert::Infallible>(
+            (StatusCode::CREATED, format!("late {run}")).into_response(),
+        )
     };
     let mut operation = Box::pin(operation);
     match tokio::time::timeout(Duration::from_millis(100), &mut operation).await {
@@ -102,7 +104,9 @@ async fn answers_late(State(counters): State<Counters>) -> Response {
         Err(_) => {
             let mut response = StatusCode::GATEWAY_TIMEOUT.into_response();
             response.extensions_mut().insert(OutcomeUnknown);
-            response.extensions_mut().insert(LateOutcome::new(operation));
+            response
+                .extensions_mut()
+                .insert(LateOutcome::new(operation));
             response
         }
     }

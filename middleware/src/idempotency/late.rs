@@ -130,7 +130,11 @@ pub(super) async fn await_late<St: IdempotencyStore>(
     }
 }
 
-async fn settle_late<St: IdempotencyStore>(lease: &mut Lease<St>, call: LateFuture, until: Instant) {
+async fn settle_late<St: IdempotencyStore>(
+    lease: &mut Lease<St>,
+    call: LateFuture,
+    until: Instant,
+) {
     let policy = lease.policy().clone();
     let response = match tokio::time::timeout_at(until, call).await {
         Ok(Ok(response)) => response,

@@ -682,7 +682,10 @@ impl<St: IdempotencyStore> Lease<St> {
     {
         let (parts, body) = response.into_parts();
         if parts.extensions.get::<OutcomeUnknown>().is_some()
-            && let Some(call) = parts.extensions.get::<LateOutcome>().and_then(LateOutcome::take)
+            && let Some(call) = parts
+                .extensions
+                .get::<LateOutcome>()
+                .and_then(LateOutcome::take)
         {
             // The call may still answer: wait for it under the lease rather than lose it.
             let window = self.policy.lock_ttl;
