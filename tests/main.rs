@@ -14,6 +14,7 @@ mod support;
 mod body_lifecycle;
 mod callers;
 mod http2_upstream;
+mod late_outcome;
 mod lease;
 mod lifecycle;
 mod paths;

@@ -94,7 +94,8 @@
 //!    fenced by the lease token (a holder that lost its lease cannot overwrite the new holder's
 //!    result). Otherwise the lease is released so a retry runs again; the client gets the whole
 //!    response either way, streamed. A response marked [`OutcomeUnknown`] (an upstream timeout:
-//!    the operation may still be running) keeps the lease until `lock_ttl` instead, and so does a
+//!    the operation may still be running) keeps the lease until `lock_ttl` instead (or, with a
+//!    [`LateOutcome`], awaits the late result for up to `lock_ttl` and stores it), and so does a
 //!    response whose body fails after the head (see [`BodyTimeout`]). A streamed response's
 //!    frames go on as they arrive; only its end waits until the record is stored.
 //! 8. **Store failure.** [`OnStoreError::Reject`] answers `503` (never risk a second execution);
@@ -153,8 +154,8 @@ pub mod store;
 pub mod telemetry;
 
 pub use idempotency::{
-    BodyTimeout, Idempotency, IdempotencyLayer, LeasesInFlight, OutcomeUnknown, RequestBody,
-    ResponseBody, ResponseFuture, ScopeFn,
+    BodyTimeout, Idempotency, IdempotencyLayer, LateOutcome, LeasesInFlight, OutcomeUnknown,
+    RequestBody, ResponseBody, ResponseFuture, ScopeFn,
 };
 pub use lease::{Checkpoint, CheckpointError, Lease};
 pub use policy::{Anonymous, OnConflict, OnStoreError, PathPattern, Policy, Routes};

@@ -58,6 +58,13 @@
 //! [`BodyTimeout`](crate::BodyTimeout) error) before the response head was sent: the key stays
 //! locked until `lock_ttl`.
 //!
+//! # outcome-pending
+//! `504`: the upstream (or handler) did not answer in time and may still be running the
+//! operation. Its result is awaited for up to `lock_ttl` (the `Retry-After`): if it arrives, it
+//! is stored and a retry with the same key replays it (the operation ran once); if not, a retry
+//! after `Retry-After` runs the request again. A retry sent earlier gets `409` `in-flight`, or
+//! waits for the result with `on_conflict = "wait"`. See [`LateOutcome`](crate::LateOutcome).
+//!
 //! # upgrade-not-allowed
 //! `400`: the request asks to switch protocols (`Upgrade`, e.g. WebSocket) with a method the
 //! route covers; a protocol switch can be neither stored nor replayed. Open upgraded connections
@@ -103,6 +110,8 @@ pub enum ProblemKind {
     UpstreamTimeout,
     /// `400`, see [the module docs](self#upgrade-not-allowed).
     UpgradeNotAllowed,
+    /// `504`, see [the module docs](self#outcome-pending).
+    OutcomePending,
 }
 
 impl ProblemKind {
@@ -123,6 +132,7 @@ impl ProblemKind {
             Self::UpstreamUnavailable => "upstream-unavailable",
             Self::UpstreamTimeout => "upstream-timeout",
             Self::UpgradeNotAllowed => "upgrade-not-allowed",
+            Self::OutcomePending => "outcome-pending",
         }
     }
 
@@ -142,7 +152,7 @@ impl ProblemKind {
             Self::TooManyInFlight => StatusCode::TOO_MANY_REQUESTS,
             Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
-            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::UpstreamTimeout | Self::OutcomePending => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -163,6 +173,7 @@ impl ProblemKind {
             Self::UpstreamUnavailable => "Upstream unavailable",
             Self::UpstreamTimeout => "Upstream timed out",
             Self::UpgradeNotAllowed => "Protocol upgrade not allowed on a covered method",
+            Self::OutcomePending => "Outcome pending: the result is still awaited",
         }
     }
 

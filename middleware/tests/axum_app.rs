@@ -19,8 +19,8 @@ use tower_idempotency::fingerprint::Fingerprint;
 use tower_idempotency::record::StoredResponse;
 use tower_idempotency::store::Subscription;
 use tower_idempotency::{
-    Begin, IdempotencyLayer, IdempotencyStore, LeaseToken, MemoryStore, OnConflict, OnStoreError,
-    OutcomeUnknown, Policy, RecordKey, Scope, StoreError,
+    Begin, IdempotencyLayer, IdempotencyStore, LateOutcome, LeaseToken, MemoryStore, OnConflict,
+    OnStoreError, OutcomeUnknown, Policy, RecordKey, Scope, StoreError,
 };
 
 #[derive(Clone, Default)]
@@ -88,6 +88,30 @@ async fn gives_up(State(counters): State<Counters>) -> Response {
     response
 }
 
+/// Gives up after 100 ms on an operation that finishes after 400 ms, handing the layer the rest.
+async fn answers_late(State(counters): State<Counters>) -> Response {
+    let operation = async move {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let run = counters.run();
+        Ok::<_, std::convert::Infallible>(
+            (StatusCode::CREATED, format!("late {run}")).into_response(),
+        )
+    };
+    let mut operation = Box::pin(operation);
+    match tokio::time::timeout(Duration::from_millis(100), &mut operation).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(never)) => match never {},
+        Err(_) => {
+            let mut response = StatusCode::GATEWAY_TIMEOUT.into_response();
+            response.extensions_mut().insert(OutcomeUnknown);
+            response
+                .extensions_mut()
+                .insert(LateOutcome::new(operation));
+            response
+        }
+    }
+}
+
 async fn panics(State(counters): State<Counters>) -> StatusCode {
     if counters.run() == 1 {
         panic!("the first run fails");
@@ -104,6 +128,7 @@ fn routes(counters: Counters) -> Router {
         .route("/stream", post(stream))
         .route("/panics", post(panics))
         .route("/gives-up", post(gives_up))
+        .route("/answers-late", post(answers_late))
         .with_state(counters)
 }
 
@@ -842,4 +867,24 @@ async fn an_upgrade_on_a_covered_method_is_refused_before_the_handler() {
     assert_eq!(refused.status, StatusCode::BAD_REQUEST);
     assert_eq!(refused.problem_type(), "upgrade-not-allowed");
     assert_eq!(app.counters.runs(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_late_outcome_is_awaited_stored_and_replayed() {
+    let layer = memory().policy(Policy::default().with_lock_ttl(Duration::from_secs(5)));
+    let leases = layer.leases_in_flight();
+    let app = App::start(layer).await;
+    let first = app.send(app.post("/answers-late", "late")).await;
+    assert_eq!(first.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(first.problem_type(), "outcome-pending");
+    assert_eq!(first.headers["retry-after"], "5");
+    assert_eq!(leases.count(), 1, "the pending late result holds its lease");
+    tokio::time::timeout(Duration::from_secs(3), leases.idle())
+        .await
+        .expect("settled once the late result is stored");
+    let retry = app.send(app.post("/answers-late", "late")).await;
+    assert_eq!(retry.status, StatusCode::CREATED, "{retry:?}");
+    assert!(retry.replayed());
+    assert_eq!(&retry.body[..], b"late 1");
+    assert_eq!(app.counters.runs(), 1);
 }

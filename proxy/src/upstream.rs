@@ -24,7 +24,7 @@ use tower::Service;
 use tower_idempotency::headers::remove_hop_by_hop;
 use tower_idempotency::lease::{Lease, remove_lease_headers};
 use tower_idempotency::problem::{Problem, ProblemKind};
-use tower_idempotency::{OutcomeUnknown, RequestBody};
+use tower_idempotency::{LateOutcome, OutcomeUnknown, RequestBody};
 
 use crate::body_timeout::IdleTimeout;
 use crate::config::ProxyConfig;
@@ -150,7 +150,10 @@ impl Upstream {
             Err(problem) => return problem.into_response(problem_body),
         };
         let started = Instant::now();
-        let outcome = tokio::time::timeout(self.target.timeout, self.client.request(request)).await;
+        // Pinned here rather than inside the timeout, so that a call that times out can be handed
+        // on to the idempotency layer, which keeps waiting for its late result.
+        let mut call = Box::pin(self.client.request(request));
+        let outcome = tokio::time::timeout(self.target.timeout, &mut call).await;
         match outcome {
             Ok(Ok(mut response)) => {
                 telemetry::upstream_call(started.elapsed(), response.status().as_u16());
@@ -189,8 +192,18 @@ impl Upstream {
                         humantime::format_duration(self.target.timeout)
                     ),
                 );
-                // The upstream may still be working on it.
-                mark_unknown(problem.into_response(problem_body), true)
+                // The upstream may still be working on it: the layer awaits its late answer.
+                let mut response = mark_unknown(problem.into_response(problem_body), true);
+                let body_timeout = self.target.body_timeout;
+                let late = async move {
+                    let mut response = call.await?;
+                    remove_hop_by_hop(response.headers_mut());
+                    Ok::<_, hyper_util::client::legacy::Error>(
+                        response.map(|body| IdleTimeout::new(body, body_timeout)),
+                    )
+                };
+                response.extensions_mut().insert(LateOutcome::new(late));
+                response
             }
         }
     }

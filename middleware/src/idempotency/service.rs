@@ -19,6 +19,7 @@ use super::body::{RequestBody, ResponseBody, Streamed};
 use super::body_timeout::BodyTimeout;
 use super::callers::CallerPermit;
 use super::future::ResponseFuture;
+use super::late::{self, LateOutcome};
 use super::layer::Shared;
 use crate::BoxError;
 use crate::fingerprint::Fingerprint;
@@ -607,7 +608,7 @@ impl<St: IdempotencyStore> Shared<St> {
 
 /// A held lease. Dropped without being settled (a panic in the inner service, a cancelled task),
 /// it releases itself so that the key is free for a retry at once rather than after `lock_ttl`.
-struct Lease<St: IdempotencyStore> {
+pub(super) struct Lease<St: IdempotencyStore> {
     shared: Arc<Shared<St>>,
     policy: Arc<Policy>,
     key: RecordKey,
@@ -680,6 +681,17 @@ impl<St: IdempotencyStore> Lease<St> {
         ResB::Error: Into<BoxError>,
     {
         let (parts, body) = response.into_parts();
+        if parts.extensions.get::<OutcomeUnknown>().is_some()
+            && let Some(call) = parts
+                .extensions
+                .get::<LateOutcome>()
+                .and_then(LateOutcome::take)
+        {
+            // The call may still answer: wait for it under the lease rather than lose it.
+            let window = self.policy.lock_ttl;
+            tokio::spawn(late::await_late(self.take(), call, window));
+            return problem(late::pending(window));
+        }
         if parts.extensions.get::<OutcomeUnknown>().is_some() {
             // The operation may still be running, or may have run: a retry now could run it a
             // second time alongside. Keep the lease, unrenewed, so retries wait out lock_ttl.
@@ -755,6 +767,22 @@ impl<St: IdempotencyStore> Lease<St> {
         Response::from_parts(parts, ResponseBody::streamed(receiver, size_hint))
     }
 
+    pub(super) fn shared(&self) -> &Arc<Shared<St>> {
+        &self.shared
+    }
+
+    pub(super) fn policy(&self) -> &Arc<Policy> {
+        &self.policy
+    }
+
+    pub(super) fn key(&self) -> &RecordKey {
+        &self.key
+    }
+
+    pub(super) fn token(&self) -> LeaseToken {
+        self.token
+    }
+
     /// Moves the lease out, leaving a settled husk whose drop does nothing.
     fn take(&mut self) -> Self {
         let taken = Self {
@@ -771,7 +799,7 @@ impl<St: IdempotencyStore> Lease<St> {
 
     /// Stores the response, retrying a failing store briefly: giving up means a retry after the
     /// lease expires runs the request again.
-    async fn complete(&mut self, parts: &http::response::Parts, body: Bytes) {
+    pub(super) async fn complete(&mut self, parts: &http::response::Parts, body: Bytes) {
         let stored = StoredResponse::new(parts.status, parts.headers.clone(), body);
         let mut backoff = Duration::from_millis(50);
         for attempt in 1..=COMPLETE_ATTEMPTS {
@@ -826,7 +854,7 @@ impl<St: IdempotencyStore> Lease<St> {
         }
     }
 
-    async fn release(&mut self) {
+    pub(super) async fn release(&mut self) {
         if self.settled {
             return;
         }
@@ -866,7 +894,7 @@ impl<St: IdempotencyStore> Lease<St> {
         self.settle();
     }
 
-    fn settle(&mut self) {
+    pub(super) fn settle(&mut self) {
         if !self.settled {
             self.settled = true;
             m::lease_settled();

@@ -36,6 +36,8 @@ const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(1);
 
 /// The fixed header in front of every value; see *Key layout* in `RedisStore`'s docs.
 const HEADER_LEN: usize = 50;
+/// Where the request fingerprint sits in the header.
+const FINGERPRINT_RANGE: std::ops::Range<usize> = 2..34;
 const LAYOUT_VERSION: u8 = 1;
 const STATE_IN_FLIGHT: u8 = 1;
 const STATE_COMPLETED: u8 = 2;
@@ -540,7 +542,7 @@ impl IdempotencyStore for RedisStore {
             .arg(lease)
             .arg(in_flight_key_ttl(lease));
         let reply = self.invoke("begin", &invocation).await?;
-        parse_begin(reply)
+        parse_begin(reply, fingerprint)
     }
 
     async fn complete(
@@ -646,7 +648,11 @@ fn in_flight_key_ttl(lease_ms: u64) -> u64 {
     lease_ms.saturating_mul(2)
 }
 
-fn parse_begin(reply: Value) -> Result<Begin, StoreError> {
+/// Maps `begin`'s reply. A completed record is replayed only if the fingerprint in its header is
+/// the request's: the script compared them already, but a reply paired with the wrong command (a
+/// connection desynchronised by a bug anywhere between here and Redis) would otherwise hand one
+/// key's response to another. Such a reply is a store error, never a replay.
+fn parse_begin(reply: Value, fingerprint: &Fingerprint) -> Result<Begin, StoreError> {
     let Value::Array(mut items) = reply else {
         return Err(unexpected("begin", &reply));
     };
@@ -670,6 +676,11 @@ fn parse_begin(reply: Value) -> Result<Begin, StoreError> {
             let value = Bytes::from(std::mem::take(value));
             if let Some(error) = header_error(&value, STATE_COMPLETED) {
                 return Err(StoreError::Corrupt(error));
+            }
+            if value[FINGERPRINT_RANGE] != fingerprint.as_bytes()[..] {
+                return Err(StoreError::Corrupt(DecodeError::Invalid(
+                    "fingerprint: the reply belongs to another request",
+                )));
             }
             // The response shares the reply's allocation; only the header is skipped.
             Ok(Begin::Completed(StoredResponse::decode(
@@ -801,15 +812,41 @@ mod tests {
         assert_eq!(in_flight_key_ttl(400), 800);
     }
 
+    fn test_fingerprint() -> Fingerprint {
+        Fingerprint::from_bytes([7; 32])
+    }
+
+    /// A header carrying `test_fingerprint()`, as `begin` returns for the request it answers.
     fn header(version: u8, state: u8) -> Vec<u8> {
         let mut value = vec![version, state];
+        value.extend_from_slice(test_fingerprint().as_bytes());
         value.resize(HEADER_LEN, 0);
         value
     }
 
     #[test]
+    fn a_completed_reply_for_another_fingerprint_is_an_error_not_a_replay() {
+        let response = StoredResponse::new(
+            http::StatusCode::OK,
+            http::HeaderMap::new(),
+            Bytes::from_static(b"someone else's response"),
+        );
+        let mut value = header(LAYOUT_VERSION, STATE_COMPLETED);
+        value.extend_from_slice(&response.encode());
+        let reply = || Value::Array(vec![Value::Int(4), Value::BulkString(value.clone())]);
+        assert_eq!(
+            parse_begin(reply(), &test_fingerprint()).unwrap(),
+            Begin::Completed(response)
+        );
+        assert!(matches!(
+            parse_begin(reply(), &Fingerprint::from_bytes([8; 32])),
+            Err(StoreError::Corrupt(DecodeError::Invalid(_)))
+        ));
+    }
+
+    #[test]
     fn begin_replies_are_mapped() {
-        let reply = |items: Vec<Value>| parse_begin(Value::Array(items));
+        let reply = |items: Vec<Value>| parse_begin(Value::Array(items), &test_fingerprint());
         assert_eq!(
             reply(vec![
                 Value::Int(1),
@@ -857,7 +894,7 @@ mod tests {
 
     #[test]
     fn corrupt_or_unknown_replies_are_errors_not_panics() {
-        let reply = |items: Vec<Value>| parse_begin(Value::Array(items));
+        let reply = |items: Vec<Value>| parse_begin(Value::Array(items), &test_fingerprint());
         assert!(matches!(
             reply(vec![Value::Int(0), Value::BulkString(b"junk".to_vec())]),
             Err(StoreError::Corrupt(DecodeError::Truncated))
@@ -896,7 +933,7 @@ mod tests {
         ));
         assert!(matches!(reply(vec![]), Err(StoreError::Backend(_))));
         assert!(matches!(
-            parse_begin(Value::Okay),
+            parse_begin(Value::Okay, &test_fingerprint()),
             Err(StoreError::Backend(_))
         ));
         assert!(matches!(
