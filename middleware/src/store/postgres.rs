@@ -571,6 +571,12 @@ impl PostgresStore {
         &self.inner.table
     }
 
+    /// Wakes this process's waiters (for `complete_in`, which cannot wake them before the
+    /// caller's transaction commits).
+    pub(super) fn notifier(&self) -> &CompletionNotifier {
+        &self.inner.notifier
+    }
+
     /// The `LISTEN`/`NOTIFY` channel on which completions and releases are announced, with the
     /// hex-encoded record key as payload: `idempotency_` and 16 hex digits of a hash of the schema
     /// and table names.
