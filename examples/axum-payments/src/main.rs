@@ -14,13 +14,17 @@ use axum_payments::App;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
-    let var = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .init();
+    let var =
+        |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
     let url = var("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test");
     let schema = var("PAYMENTS_SCHEMA", "payments");
     let lock_ttl = Duration::from_millis(var("LOCK_TTL_MS", "30000").parse()?);
     let app = App::connect(&url, &schema).await?;
-    let listener = tokio::net::TcpListener::bind(format!("127.0.0.1:{}", var("PORT", "3000"))).await?;
+    let listener =
+        tokio::net::TcpListener::bind(format!("127.0.0.1:{}", var("PORT", "3000"))).await?;
     tracing::info!("payments API on http://{}", listener.local_addr()?);
     axum::serve(listener, app.router(lock_ttl)).await?;
     Ok(())

@@ -109,7 +109,8 @@ pub(crate) async fn book(
                 // Phase 2: a foreign call, made safe to repeat by the processor's own idempotency
                 // key (derived from the ride, so every attempt sends the same one); then its
                 // result and the recovery point commit together.
-                let charge = provider::charge(&app.pool, &format!("ride-{ride}"), new.amount).await?;
+                let charge =
+                    provider::charge(&app.pool, &format!("ride-{ride}"), new.amount).await?;
                 pause("charge_requested").await;
                 let mut tx = app.pool.begin().await?;
                 sqlx::query("UPDATE rides SET charge_id = $1 WHERE id = $2")
@@ -144,7 +145,8 @@ pub(crate) async fn book(
                     attempt: lease.attempt(),
                     resumed_from,
                 };
-                let body = serde_json::to_vec(&booked).map_err(|e| AppError::Failed(e.to_string()))?;
+                let body =
+                    serde_json::to_vec(&booked).map_err(|e| AppError::Failed(e.to_string()))?;
                 let response = Response::builder()
                     .status(StatusCode::CREATED)
                     .header(header::CONTENT_TYPE, "application/json")

@@ -33,7 +33,10 @@ async fn stalled_at(step: &str, resumed_from: &str) {
     );
 
     stalled.signal("CONT");
-    let stale = stale.await.expect("task").expect("the stale holder answers");
+    let stale = stale
+        .await
+        .expect("task")
+        .expect("the stale holder answers");
     assert_eq!(stale.status(), StatusCode::CONFLICT);
     let detail = stale.text().await.expect("body");
     assert!(detail.contains("took it over"), "{detail}");
@@ -42,7 +45,11 @@ async fn stalled_at(step: &str, resumed_from: &str) {
     for app in [&stalled, &other] {
         let replay = book(&app.url).await.expect("replay");
         assert_eq!(replay.headers()["idempotent-replayed"], "true");
-        assert_eq!(replay.text().await.expect("body"), body, "the takeover's answer stands");
+        assert_eq!(
+            replay.text().await.expect("body"),
+            body,
+            "the takeover's answer stands"
+        );
     }
     drop((stalled, other));
     world.drop_schema().await;

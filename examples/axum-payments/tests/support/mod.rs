@@ -51,7 +51,10 @@ impl World {
         let child = command.spawn().expect("start the example app");
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
-            assert!(Instant::now() < deadline, "the app did not open port {port}");
+            assert!(
+                Instant::now() < deadline,
+                "the app did not open port {port}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         AppProcess {
@@ -65,7 +68,10 @@ impl World {
         let file = self.barrier.path().join(step);
         let deadline = Instant::now() + Duration::from_secs(20);
         while !file.exists() {
-            assert!(Instant::now() < deadline, "the handler never reached {step}");
+            assert!(
+                Instant::now() < deadline,
+                "the handler never reached {step}"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -109,14 +115,24 @@ impl World {
         .await
         .expect("charge");
         assert_eq!(booked.ride, ride, "{booked:?}");
-        assert_eq!(charge.as_deref(), Some(booked.charge.as_str()), "{booked:?}");
+        assert_eq!(
+            charge.as_deref(),
+            Some(booked.charge.as_str()),
+            "{booked:?}"
+        );
         assert_eq!(booked.charge, format!("ch_{provider}"), "{booked:?}");
-        assert_eq!((booked.receipt, receipt_ride), (receipt, ride), "{booked:?}");
+        assert_eq!(
+            (booked.receipt, receipt_ride),
+            (receipt, ride),
+            "{booked:?}"
+        );
     }
 
     pub(crate) async fn drop_schema(self) {
         let sql = format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.schema);
-        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&self.db).await;
+        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&self.db)
+            .await;
     }
 }
 
@@ -179,4 +195,3 @@ pub(crate) async fn retry_until_answered(url: &str) -> (StatusCode, bool, String
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
-
