@@ -97,10 +97,10 @@ pub(crate) async fn book(
                 .bind(token)
                 .fetch_one(&mut *tx)
                 .await?;
-                pause("ride_inserted").await;
                 app.store
                     .checkpoint_in(&mut tx, &lease, "ride_created", ride.to_string())
                     .await?;
+                pause("ride_inserted").await;
                 tx.commit().await?;
                 pause("ride_committed").await;
                 Phase::RideCreated { ride }
