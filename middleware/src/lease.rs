@@ -42,9 +42,35 @@
 //!     Ok("booked")
 //! }
 //! ```
+//!
+//! # Effects and record in one transaction (PostgreSQL)
+//!
+//! Checkpoints and fencing narrow the gaps; a handler whose effects live in the PostgreSQL
+//! database that holds the records closes them. With a `PostgresStore` built on the
+//! application's own pool (`PostgresStore::from_pool`), each phase commits its effect rows
+//! together with its recovery point (`checkpoint_in`), and the last phase commits its rows
+//! together with the stored response (`complete_in`), which marks the response
+//! [`CompletedByHandler`] so the layer does not store it again:
+//!
+//! ```ignore
+//! let mut tx = pool.begin().await?;
+//! let receipt = sqlx::query_scalar("INSERT INTO receipts (ride) VALUES ($1) RETURNING id")
+//!     .bind(ride).fetch_one(&mut *tx).await?;
+//! let response = store.complete_in(&mut tx, &lease, json_response(receipt)).await?; // fenced
+//! tx.commit().await?;                     // effect rows and stored response, or neither
+//! Ok(response)
+//! ```
+//!
+//! A crash before the commit leaves neither: the lease lapses after `lock_ttl` and the retry runs
+//! the phase once, from the last committed checkpoint. A holder whose lease was taken over gets
+//! [`StoreError::LeaseLost`] from `checkpoint_in` / `complete_in`, and its transaction rolls back
+//! with its effects. See `PostgresStore::complete_in` and `examples/axum-payments`.
+
+mod completed;
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -53,11 +79,16 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use crate::scope::RecordKey;
 use crate::store::{IdempotencyStore, LeaseToken, StoreError};
 
+pub use completed::CompletedByHandler;
+
 /// The longest checkpoint name, in bytes.
 pub const MAX_CHECKPOINT_NAME: usize = 64;
 /// The most data one checkpoint carries, in bytes. Recovery points name a step and the few ids
 /// the next step needs, not payloads: the bound keeps records small in every store.
 pub const MAX_CHECKPOINT_DATA: usize = 4096;
+
+/// The record TTL of a lease made without [`Lease::with_ttl`]: `Policy::default().ttl`.
+const DEFAULT_RECORD_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// `Idempotency-Lease-Token`: the fencing token the proxy forwards to its upstream.
 pub static IDEMPOTENCY_LEASE_TOKEN: HeaderName = HeaderName::from_static("idempotency-lease-token");
@@ -133,12 +164,14 @@ pub struct Lease {
     inner: Arc<Inner>,
 }
 
+#[derive(Clone)]
 struct Inner {
     key: RecordKey,
     token: LeaseToken,
     attempt: u32,
     recovery_point: Option<Checkpoint>,
     forward: bool,
+    ttl: Duration,
     store: Arc<CheckpointFn>,
 }
 
@@ -164,9 +197,24 @@ impl Lease {
                 attempt,
                 recovery_point,
                 forward,
+                ttl: DEFAULT_RECORD_TTL,
                 store,
             }),
         }
+    }
+
+    /// Sets how long the record is kept once completed ([`ttl`](Self::ttl)); the layer passes
+    /// the route's [`Policy::ttl`](crate::Policy::ttl).
+    #[must_use]
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        Arc::make_mut(&mut self.inner).ttl = ttl;
+        self
+    }
+
+    /// How long the record is kept once completed: the route's `ttl` (default 24 h). A handler
+    /// that completes the record itself (`PostgresStore::complete_in`) stores it for this long.
+    pub fn ttl(&self) -> Duration {
+        self.inner.ttl
     }
 
     /// The record key (a sha256 digest of scope and idempotency key).

@@ -157,7 +157,7 @@ pub use idempotency::{
     BodyTimeout, Idempotency, IdempotencyLayer, LateOutcome, LeasesInFlight, OutcomeUnknown,
     RequestBody, ResponseBody, ResponseFuture, ScopeFn,
 };
-pub use lease::{Checkpoint, CheckpointError, Lease};
+pub use lease::{Checkpoint, CheckpointError, CompletedByHandler, Lease};
 pub use policy::{Anonymous, OnConflict, OnStoreError, PathPattern, Policy, Routes};
 pub use record::StoredResponse;
 pub use scope::{ClientIp, RecordKey, Scope};

@@ -25,6 +25,7 @@ use crate::BoxError;
 use crate::fingerprint::Fingerprint;
 use crate::headers::IDEMPOTENT_REPLAYED;
 use crate::key::{KeyError, parse_key};
+use crate::lease::CompletedByHandler;
 use crate::path;
 use crate::policy::{Anonymous, OnConflict, OnStoreError, Policy};
 use crate::problem::{Problem, ProblemKind};
@@ -495,7 +496,8 @@ impl<St: IdempotencyStore> Keyed<St> {
             self.record_key,
             granted,
             self.policy.forward_lease,
-        );
+        )
+        .with_ttl(self.policy.ttl);
         let mut parts = self.parts;
         parts.extensions.insert(handler_lease);
         let lease = Lease::new(
@@ -681,6 +683,14 @@ impl<St: IdempotencyStore> Lease<St> {
         ResB::Error: Into<BoxError>,
     {
         let (parts, body) = response.into_parts();
+        if let Some(completed) = parts.extensions.get::<CompletedByHandler>()
+            && completed.completes(&self.key, self.token)
+        {
+            // The handler stored the record in its own transaction, which has committed.
+            completed.wake_waiters();
+            self.settle();
+            return Response::from_parts(parts, ResponseBody::inner(body));
+        }
         if parts.extensions.get::<OutcomeUnknown>().is_some()
             && let Some(call) = parts
                 .extensions

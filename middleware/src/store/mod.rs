@@ -47,6 +47,8 @@ pub use sql::REAPED_RECORDS_TOTAL;
 mod postgres;
 #[cfg(feature = "postgres")]
 pub use postgres::{PostgresStore, PostgresStoreBuilder};
+#[cfg(feature = "postgres")]
+mod postgres_tx;
 
 #[cfg(feature = "sqlite")]
 mod sqlite;

@@ -143,9 +143,11 @@ const LISTENER_TIMEOUT: Duration = Duration::from_secs(10);
 ///
 /// Each is one statement conditional on the lease: `WHERE key = $1 AND token = $2 AND response IS
 /// NULL`. That condition is the record's fencing check, and a plain statement: a handler whose
-/// effects live in the same database can run it inside its own transaction (for instance
-/// `UPDATE records SET checkpoint_name = $3 ... WHERE key = $1 AND token = $2 AND response IS
-/// NULL`, zero rows meaning its lease was taken over). A concurrent takeover or a deletion makes the condition false (PostgreSQL re-checks it
+/// effects live in the same database runs it inside its own transaction with
+/// [`complete_in`](PostgresStore::complete_in), [`checkpoint_in`](PostgresStore::checkpoint_in)
+/// and [`fence_in`](PostgresStore::fence_in), so its effect rows and the record commit
+/// together or not at all (store built with [`from_pool`](PostgresStore::from_pool) on the
+/// application's pool). A concurrent takeover or a deletion makes the condition false (PostgreSQL re-checks it
 /// against the newest row version after waiting for the row lock), so the statement changes no
 /// row and the call returns [`StoreError::LeaseLost`]. The condition deliberately ignores
 /// `expires_at`: a holder whose lease lapsed may still finish as long as nobody took over.
@@ -569,6 +571,12 @@ impl PostgresStore {
     /// The records table.
     pub fn table(&self) -> &str {
         &self.inner.table
+    }
+
+    /// Wakes this process's waiters (for `complete_in`, which cannot wake them before the
+    /// caller's transaction commits).
+    pub(super) fn notifier(&self) -> &CompletionNotifier {
+        &self.inner.notifier
     }
 
     /// The `LISTEN`/`NOTIFY` channel on which completions and releases are announced, with the
