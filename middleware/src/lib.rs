@@ -154,10 +154,12 @@ pub mod telemetry;
 
 pub use idempotency::{
     BodyTimeout, Idempotency, IdempotencyLayer, LeasesInFlight, OutcomeUnknown, RequestBody,
-    ResponseBody, ResponseFuture, ScopeFn,
+    OutcomeHook, ResponseBody, ResponseFuture, ScopeFn,
 };
 pub use lease::{Checkpoint, CheckpointError, Lease};
-pub use policy::{Anonymous, OnConflict, OnStoreError, PathPattern, Policy, Routes};
+pub use policy::{Anonymous, Mode, OnConflict, OnStoreError, PathPattern, Policy, Routes};
+pub use problem::ProblemDocs;
+pub use telemetry::Outcome;
 pub use record::StoredResponse;
 pub use scope::{ClientIp, RecordKey, Scope};
 #[cfg(feature = "memory")]

@@ -8,6 +8,8 @@ mod callers;
 mod future;
 mod layer;
 mod leases;
+mod observe;
+mod outcome;
 mod service;
 
 pub use body::{RequestBody, ResponseBody};
@@ -15,4 +17,5 @@ pub use body_timeout::BodyTimeout;
 pub use future::ResponseFuture;
 pub use layer::{IdempotencyLayer, ScopeFn};
 pub use leases::LeasesInFlight;
+pub use outcome::OutcomeHook;
 pub use service::{Idempotency, OutcomeUnknown};
