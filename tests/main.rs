@@ -16,6 +16,7 @@ mod callers;
 mod http2_upstream;
 mod lease;
 mod lifecycle;
+mod operators;
 mod paths;
 mod proxy;
 mod redis;
