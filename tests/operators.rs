@@ -93,7 +93,12 @@ async fn problems_point_at_the_routes_docs_and_the_default_docs_elsewhere() {
     );
     // Another path: the default policy's docs and the built-in type base.
     let missing = proxy
-        .send(proxy.client.post(format!("{}/payments/1", proxy.base)).body("1"))
+        .send(
+            proxy
+                .client
+                .post(format!("{}/payments/1", proxy.base))
+                .body("1"),
+        )
         .await;
     assert_eq!(missing.status, StatusCode::BAD_REQUEST);
     assert_eq!(
@@ -177,7 +182,9 @@ async fn observe_mode_runs_everything_counts_what_enforcing_would_do_and_keeps_t
     let observing = |mode: &str| {
         config(
             &upstream.url,
-            &format!("{MEMORY}\n[[route]]\npath = \"/payments\"\nrequired = true\nmode = \"{mode}\"\n"),
+            &format!(
+                "{MEMORY}\n[[route]]\npath = \"/payments\"\nrequired = true\nmode = \"{mode}\"\n"
+            ),
         )
     };
     let proxy = Proxy::start(&observing("observe"));
@@ -194,7 +201,12 @@ async fn observe_mode_runs_everything_counts_what_enforcing_would_do_and_keeps_t
     let reused = proxy.send(proxy.post("/payments", "o").body("2")).await;
     assert_eq!(reused.status, StatusCode::CREATED);
     let unkeyed = proxy
-        .send(proxy.client.post(format!("{}/payments", proxy.base)).body("3"))
+        .send(
+            proxy
+                .client
+                .post(format!("{}/payments", proxy.base))
+                .body("3"),
+        )
         .await;
     assert_eq!(unkeyed.status, StatusCode::CREATED);
     let invalid = proxy.send(proxy.post("/payments", "").body("4")).await;
@@ -228,7 +240,10 @@ async fn observe_mode_runs_everything_counts_what_enforcing_would_do_and_keeps_t
     ] {
         assert_eq!(outcome_count(&proxy, outcome).await, count, "{outcome}");
     }
-    assert!(proxy.stderr().contains("observed_would_replay"), "logged too");
+    assert!(
+        proxy.stderr().contains("observed_would_replay"),
+        "logged too"
+    );
 
     // Switched to enforcing, the retry replays the first response: observing kept the record.
     std::fs::write(proxy.dir.path().join("proxy.toml"), observing("enforce")).expect("rewrite");

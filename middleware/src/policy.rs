@@ -268,7 +268,10 @@ impl Policy {
     ///
     /// [`Problem::documented`]: crate::problem::Problem::documented
     pub fn problem_docs(&self) -> crate::problem::ProblemDocs {
-        crate::problem::ProblemDocs::new(self.problem_type_base.as_deref(), self.docs_url.as_deref())
+        crate::problem::ProblemDocs::new(
+            self.problem_type_base.as_deref(),
+            self.docs_url.as_deref(),
+        )
     }
 
     /// A problem answer of this route: its `type` under [`Policy::problem_type_base`], and a

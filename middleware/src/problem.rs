@@ -216,7 +216,9 @@ pub(crate) fn check_absolute_uri(value: &str) -> Result<(), String> {
         ));
     }
     if value.contains(['<', '>', '"', ' ']) {
-        return Err(format!("{value:?} must not contain '<', '>', '\"' or spaces"));
+        return Err(format!(
+            "{value:?} must not contain '<', '>', '\"' or spaces"
+        ));
     }
     Ok(())
 }

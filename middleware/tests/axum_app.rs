@@ -872,10 +872,9 @@ async fn every_response_carries_its_outcome_and_the_hook_sees_each_one() {
         response.headers_mut().insert("x-extension-outcome", value);
         response
     }
-    let app = App::start_router(|counters| {
-        routes(counters).layer(layer).layer(from_fn(read_extension))
-    })
-    .await;
+    let app =
+        App::start_router(|counters| routes(counters).layer(layer).layer(from_fn(read_extension)))
+            .await;
     let outcome = |reply: &Reply| {
         assert_eq!(
             reply.headers["x-hook-outcome"], reply.headers["x-extension-outcome"],
@@ -891,9 +890,18 @@ async fn every_response_carries_its_outcome_and_the_hook_sees_each_one() {
         (app.post("/payments", "k").body("1"), "replayed"),
         (app.post("/payments", "k").body("2"), "mismatch"),
         (app.post("/payments", "").body("1"), "invalid_key"),
-        (app.client.post(format!("{}/feed", app.base)).body("1"), "missing_key"),
-        (app.client.post(format!("{}/payments", app.base)).body("1"), "unkeyed"),
-        (app.client.get(format!("{}/payments", app.base)), "uncovered"),
+        (
+            app.client.post(format!("{}/feed", app.base)).body("1"),
+            "missing_key",
+        ),
+        (
+            app.client.post(format!("{}/payments", app.base)).body("1"),
+            "unkeyed",
+        ),
+        (
+            app.client.get(format!("{}/payments", app.base)),
+            "uncovered",
+        ),
         (app.post("/payments%2Fx", "k").body("1"), "invalid_target"),
     ];
     let mut expected = Vec::new();

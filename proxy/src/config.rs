@@ -1025,7 +1025,11 @@ fn fingerprint_from(
     match fields.fingerprint {
         Some(FingerprintConfig::Json) => ignore
             .iter()
-            .map(|pointer| pointer.parse().map_err(|e: JsonPointerError| fail(e.to_string())))
+            .map(|pointer| {
+                pointer
+                    .parse()
+                    .map_err(|e: JsonPointerError| fail(e.to_string()))
+            })
             .collect::<Result<_, _>>()
             .map(BodyFingerprint::Json),
         _ if !ignore.is_empty() => Err(fail(
@@ -1315,11 +1319,66 @@ upstream = "http://127.0.0.1:3000"
                 "route[0].body_read_timeout",
                 8,
             ),
+            // Issue 15's keys: pointers parsed at load, and only with a JSON fingerprint.
+            (
+                "[[route]]\npath = \"/a\"\nfingerprint_ignore = [\"/ts\"]",
+                "route[0].fingerprint_ignore",
+                8,
+            ),
+            (
+                "[[route]]\npath = \"/a\"\nfingerprint = \"json\"\nfingerprint_ignore = [\"ts\"]",
+                "route[0].fingerprint_ignore",
+                9,
+            ),
+            (
+                "[[route]]\npath = \"/a\"\nproblem_type_base = \"/errors\"",
+                "route[0].problem_type_base",
+                8,
+            ),
+            (
+                "[[route]]\npath = \"/a\"\ndocs_url = \"https://x.example/<a>\"",
+                "route[0].docs_url",
+                8,
+            ),
+            (
+                "[[route]]\npath = \"/a\"\nmode = \"shadow\"",
+                "route[0].mode",
+                8,
+            ),
+            (
+                "[[route]]\npath = \"/a\"\nreplay_drop_headers = [\"bad header\"]",
+                "route[0].replay_drop_headers",
+                8,
+            ),
         ] {
             let (key, got_line, message) = error(&format!("{MINIMAL}\n{snippet}\n"));
             assert_eq!(key.as_deref(), Some(expected_key), "{message}");
             assert_eq!(got_line, Some(line), "{message}");
         }
+    }
+
+    #[test]
+    fn operator_keys_reach_the_route_policy() {
+        let config = parse(&format!(
+            "{MINIMAL}\n[idempotency]\nfingerprint = \"json\"\n\n[[route]]\npath = \"/a\"\n\
+             mode = \"observe\"\nfingerprint_ignore = [\"/meta/ts\"]\n\
+             problem_type_base = \"https://errors.example.com/p\"\n\
+             docs_url = \"https://docs.example.com\"\nreplay_drop_headers = [\"Set-Cookie\"]\n"
+        ))
+        .expect("config");
+        let routes = config.routes().expect("routes");
+        let route = routes.policy_for("/a");
+        assert_eq!(route.mode, Mode::Observe);
+        assert_eq!(
+            route.fingerprint,
+            BodyFingerprint::Json(vec!["/meta/ts".parse().unwrap()])
+        );
+        assert_eq!(route.docs_url.as_deref(), Some("https://docs.example.com"));
+        assert_eq!(route.replay_drop_headers, [http::header::SET_COOKIE]);
+        let default = routes.default_policy();
+        assert_eq!(default.mode, Mode::Enforce);
+        assert_eq!(default.fingerprint, BodyFingerprint::Json(Vec::new()));
+        assert_eq!(default.problem_type_base, None);
     }
 
     #[test]

@@ -252,5 +252,14 @@ mod tests {
             text.contains("never_store          408, 425, 429 and every 5xx"),
             "{text}"
         );
+        for line in [
+            "mode                 enforce",
+            "fingerprint          json, ignoring /meta/sent_at",
+            "docs_url             https://docs.example.com/payments/retries",
+            "replay_drop_headers  set-cookie",
+            "problem_type_base    https://docs.rs/",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 }

@@ -466,15 +466,13 @@ impl<St: IdempotencyStore> Keyed<St> {
         match collected {
             Ok(collected) => Ok(collected.to_bytes()),
             Err(error) if error.is::<LengthLimitError>() => Err(too_large()),
-            Err(error) => {
-                Err((
-                    Outcome::InvalidBody,
-                    Problem::new(
-                        ProblemKind::InvalidBody,
-                        format!("the request body could not be read: {error}"),
-                    ),
-                ))
-            }
+            Err(error) => Err((
+                Outcome::InvalidBody,
+                Problem::new(
+                    ProblemKind::InvalidBody,
+                    format!("the request body could not be read: {error}"),
+                ),
+            )),
         }
     }
 
