@@ -17,6 +17,7 @@ mod http2_upstream;
 mod late_outcome;
 mod lease;
 mod lifecycle;
+mod operators;
 mod paths;
 mod proxy;
 mod redis;

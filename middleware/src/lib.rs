@@ -154,11 +154,12 @@ pub mod store;
 pub mod telemetry;
 
 pub use idempotency::{
-    BodyTimeout, Idempotency, IdempotencyLayer, LateOutcome, LeasesInFlight, OutcomeUnknown,
-    RequestBody, ResponseBody, ResponseFuture, ScopeFn,
+    BodyTimeout, Idempotency, IdempotencyLayer, LateOutcome, LeasesInFlight, OutcomeHook,
+    OutcomeUnknown, RequestBody, ResponseBody, ResponseFuture, ScopeFn,
 };
 pub use lease::{Checkpoint, CheckpointError, CompletedByHandler, Lease};
-pub use policy::{Anonymous, OnConflict, OnStoreError, PathPattern, Policy, Routes};
+pub use policy::{Anonymous, Mode, OnConflict, OnStoreError, PathPattern, Policy, Routes};
+pub use problem::ProblemDocs;
 pub use record::StoredResponse;
 pub use scope::{ClientIp, RecordKey, Scope};
 #[cfg(feature = "memory")]
@@ -170,6 +171,7 @@ pub use store::RedisStore;
 #[cfg(feature = "sqlite")]
 pub use store::SqliteStore;
 pub use store::{Begin, IdempotencyStore, LeaseToken, StoreError};
+pub use telemetry::Outcome;
 
 /// The crate README (what crates.io shows), so that its example is compiled as a doctest.
 #[doc = include_str!("../README.md")]

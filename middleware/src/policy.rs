@@ -7,7 +7,24 @@ use std::time::Duration;
 
 use http::{HeaderName, Method, StatusCode};
 
+use crate::fingerprint::BodyFingerprint;
 use crate::headers::IDEMPOTENCY_KEY;
+
+/// Whether a route enforces idempotency or only observes what enforcing would do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Mode {
+    /// Refuse, replay and lock as configured (the default).
+    #[default]
+    Enforce,
+    /// Shadow rollout: keys are parsed, scoped and fingerprinted and leases taken as in
+    /// enforcement, but nothing is refused or replayed. The request always runs; what would have
+    /// happened is the response's [`Outcome`](crate::Outcome) (`observed_would_*`), counted in
+    /// `idempotency_requests_total` and logged. A request that would have been a replay,
+    /// a `409` or a `422` runs without a lease and its response is not stored, so the record of
+    /// the first request stays as it was. See GUARANTEES.md.
+    Observe,
+}
 
 /// What to do when a request arrives while another with the same key is running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -110,6 +127,20 @@ pub struct Policy {
     /// upstream can fence its writes. The handler-side [`Lease`](crate::Lease) extension is there
     /// either way. Default `false`.
     pub forward_lease: bool,
+    /// [`Mode::Enforce`] (default) or [`Mode::Observe`] for a shadow rollout.
+    pub mode: Mode,
+    /// How the request body takes part in the fingerprint: as bytes (default) or as canonical
+    /// JSON without some members ([`BodyFingerprint::Json`]).
+    pub fingerprint: BodyFingerprint,
+    /// The base of every problem `type` URI, which is `<base>#<slug>`. Default
+    /// [`problem::TYPE_BASE`](crate::problem::TYPE_BASE).
+    pub problem_type_base: Option<String>,
+    /// When set, every idempotency error carries `Link: <docs_url>; rel="describedby"`.
+    pub docs_url: Option<String>,
+    /// Headers of a response left out of the stored record, so never replayed (for example
+    /// `set-cookie`). They are dropped when the response is stored: the first response carries
+    /// them, the store never holds them. Default none.
+    pub replay_drop_headers: Vec<HeaderName>,
 }
 
 impl Default for Policy {
@@ -139,6 +170,11 @@ impl Default for Policy {
                 StatusCode::TOO_MANY_REQUESTS,
             ],
             forward_lease: false,
+            mode: Mode::Enforce,
+            fingerprint: BodyFingerprint::Bytes,
+            problem_type_base: None,
+            docs_url: None,
+            replay_drop_headers: Vec::new(),
         }
     }
 }
@@ -206,6 +242,46 @@ impl Policy {
         with_never_store: never_store: Vec<StatusCode>;
         /// Sets [`Policy::forward_lease`].
         with_forward_lease: forward_lease: bool;
+        /// Sets [`Policy::mode`].
+        with_mode: mode: Mode;
+        /// Sets [`Policy::fingerprint`].
+        with_fingerprint: fingerprint: BodyFingerprint;
+        /// Sets [`Policy::replay_drop_headers`].
+        with_replay_drop_headers: replay_drop_headers: Vec<HeaderName>;
+    }
+
+    /// Sets [`Policy::problem_type_base`].
+    #[must_use]
+    pub fn with_problem_type_base(mut self, base: impl Into<String>) -> Self {
+        self.problem_type_base = Some(base.into());
+        self
+    }
+
+    /// Sets [`Policy::docs_url`].
+    #[must_use]
+    pub fn with_docs_url(mut self, url: impl Into<String>) -> Self {
+        self.docs_url = Some(url.into());
+        self
+    }
+
+    /// How this route's problem answers are documented, for [`Problem::documented`].
+    ///
+    /// [`Problem::documented`]: crate::problem::Problem::documented
+    pub fn problem_docs(&self) -> crate::problem::ProblemDocs {
+        crate::problem::ProblemDocs::new(
+            self.problem_type_base.as_deref(),
+            self.docs_url.as_deref(),
+        )
+    }
+
+    /// A problem answer of this route: its `type` under [`Policy::problem_type_base`], and a
+    /// `Link` to [`Policy::docs_url`] when set.
+    pub fn problem(
+        &self,
+        kind: crate::problem::ProblemKind,
+        detail: impl Into<String>,
+    ) -> crate::problem::Problem {
+        crate::problem::Problem::new(kind, detail).documented(&self.problem_docs())
     }
 
     /// Checks the values work together: durations are positive and a lease outlives its renewal
@@ -242,6 +318,16 @@ impl Policy {
                 field: "scope_cookies",
                 reason: format!("{bad:?} is not a valid cookie name"),
             });
+        }
+        for (field, value) in [
+            ("problem_type_base", &self.problem_type_base),
+            ("docs_url", &self.docs_url),
+        ] {
+            if let Some(value) = value
+                && let Err(reason) = crate::problem::check_absolute_uri(value)
+            {
+                return Err(PolicyError { field, reason });
+            }
         }
         Ok(())
     }

@@ -179,8 +179,59 @@ impl ProblemKind {
 
     /// The `type` URI.
     pub fn type_uri(self) -> String {
-        format!("{TYPE_BASE}#{}", self.slug())
+        self.type_uri_under(TYPE_BASE)
     }
+
+    /// The `type` URI under another base (a route's `problem_type_base`): `<base>#<slug>`.
+    pub fn type_uri_under(self, base: &str) -> String {
+        format!("{base}#{}", self.slug())
+    }
+}
+
+/// Where a route's problem answers point: the base of their `type` URIs and the operator's docs,
+/// linked with `Link: <docs_url>; rel="describedby"`. The default points at this crate's docs and
+/// links nothing.
+///
+/// The idempotency layer puts the route's `ProblemDocs` in the request extensions when either
+/// is set, so an inner service (the proxy's upstream client) can document its own problem
+/// answers the same way.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProblemDocs {
+    type_base: Option<std::sync::Arc<str>>,
+    docs_url: Option<std::sync::Arc<str>>,
+}
+
+impl ProblemDocs {
+    /// Docs with these settings (`None` keeps the default).
+    pub fn new(type_base: Option<&str>, docs_url: Option<&str>) -> Self {
+        Self {
+            type_base: type_base.map(Into::into),
+            docs_url: docs_url.map(Into::into),
+        }
+    }
+
+    /// Whether both settings are the defaults.
+    pub fn is_default(&self) -> bool {
+        self.type_base.is_none() && self.docs_url.is_none()
+    }
+}
+
+/// Checks that `value` is an absolute URI usable in a `type` member and a `Link` header.
+pub(crate) fn check_absolute_uri(value: &str) -> Result<(), String> {
+    let uri: http::Uri = value
+        .parse()
+        .map_err(|error| format!("{value:?} is not a URI: {error}"))?;
+    if uri.scheme().is_none() || uri.authority().is_none() {
+        return Err(format!(
+            "{value:?} must be an absolute URI (scheme and host, e.g. https://docs.example.com/errors)"
+        ));
+    }
+    if value.contains(['<', '>', '"', ' ']) {
+        return Err(format!(
+            "{value:?} must not contain '<', '>', '\"' or spaces"
+        ));
+    }
+    Ok(())
 }
 
 /// A problem answer under construction.
@@ -189,6 +240,7 @@ pub struct Problem {
     kind: ProblemKind,
     detail: String,
     retry_after: Option<Duration>,
+    docs: ProblemDocs,
 }
 
 impl Problem {
@@ -198,7 +250,15 @@ impl Problem {
             kind,
             detail: detail.into(),
             retry_after: None,
+            docs: ProblemDocs::default(),
         }
+    }
+
+    /// Points the `type` URI and the `Link` header where `docs` say.
+    #[must_use]
+    pub fn documented(mut self, docs: &ProblemDocs) -> Self {
+        self.docs = docs.clone();
+        self
     }
 
     /// Adds a `Retry-After` header (whole seconds, at least 1).
@@ -216,7 +276,7 @@ impl Problem {
     /// The JSON document.
     pub fn body(&self) -> Bytes {
         let document = serde_json::json!({
-            "type": self.kind.type_uri(),
+            "type": self.kind.type_uri_under(self.docs.type_base.as_deref().unwrap_or(TYPE_BASE)),
             "title": self.kind.title(),
             "status": self.kind.status().as_u16(),
             "detail": self.detail,
@@ -236,6 +296,11 @@ impl Problem {
         if let Some(after) = self.retry_after {
             let seconds = after.as_secs_f64().ceil().max(1.0) as u64;
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if let Some(docs_url) = &self.docs.docs_url
+            && let Ok(link) = HeaderValue::try_from(format!("<{docs_url}>; rel=\"describedby\""))
+        {
+            headers.insert(header::LINK, link);
         }
         response
     }
@@ -261,5 +326,25 @@ mod tests {
         assert_eq!(json["status"], 409);
         assert_eq!(json["title"], ProblemKind::InFlight.title());
         assert_eq!(json["detail"], "key \"k\" is running");
+        assert!(response.headers().get(header::LINK).is_none());
+    }
+
+    #[test]
+    fn documented_problems_point_at_the_operator_docs() {
+        let docs = ProblemDocs::new(
+            Some("https://errors.example.com/idem"),
+            Some("https://docs.example.com/retries"),
+        );
+        let response = Problem::new(ProblemKind::KeyReused, "x")
+            .documented(&docs)
+            .into_response(|body| body);
+        let json: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+        assert_eq!(json["type"], "https://errors.example.com/idem#key-reused");
+        assert_eq!(
+            response.headers()[header::LINK],
+            "<https://docs.example.com/retries>; rel=\"describedby\""
+        );
+        assert!(check_absolute_uri("/relative").is_err());
+        assert!(check_absolute_uri("https://ok.example/x").is_ok());
     }
 }

@@ -74,8 +74,17 @@ pub fn describe() {
     );
 }
 
-/// What happened to a request the layer covered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the layer did with a request: the `outcome` label of `idempotency_requests_total`, and
+/// the [response extension](crate::idempotency) every response the layer hands back carries
+/// (`response.extensions().get::<Outcome>()`), also passed to
+/// [`IdempotencyLayer::on_outcome`](crate::IdempotencyLayer::on_outcome).
+///
+/// The `Observed*` outcomes come from routes in [`Mode::Observe`](crate::policy::Mode): the
+/// request ran, and this is what enforcement would have done instead. The last five
+/// ([`Outcome::ObservedWouldRefuseUpgrade`], [`Outcome::Unkeyed`], [`Outcome::Uncovered`],
+/// [`Outcome::InvalidTarget`], [`Outcome::UpgradeRefused`]) are only response extensions, never
+/// counted (the metric counts keyed requests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Outcome {
     /// Ran under a new lease.
@@ -104,10 +113,42 @@ pub enum Outcome {
     BodyTimeout,
     /// `403`: its caller presented no credentials and the route rejects anonymous callers.
     Anonymous,
+    /// Observe mode: ran (unprotected, not stored); enforcement would have replayed.
+    ObservedWouldReplay,
+    /// Observe mode: ran (unprotected, not stored) alongside the running request with its key;
+    /// enforcement would have answered `409` (or, with `on_conflict = "wait"`, waited).
+    ObservedWouldConflict,
+    /// Observe mode: ran (unprotected, not stored); enforcement would have answered `422`.
+    ObservedWouldMismatch,
+    /// Observe mode: the store failed and it ran unprotected; enforcement would have answered
+    /// `503` (with `on_store_error = "forward"` the outcome is [`Outcome::Forwarded`]).
+    ObservedWouldReject,
+    /// Observe mode: ran unkeyed; enforcement would have answered `400` (missing key).
+    ObservedWouldMissingKey,
+    /// Observe mode: ran unkeyed; enforcement would have answered `400` (invalid key).
+    ObservedWouldInvalidKey,
+    /// Observe mode: ran unkeyed, its body unread; enforcement would have answered `413`.
+    ObservedWouldTooLarge,
+    /// Observe mode: ran unkeyed; enforcement would have answered `429`.
+    ObservedWouldThrottle,
+    /// Observe mode: ran unkeyed; enforcement would have answered `403`.
+    ObservedWouldRejectAnonymous,
+    /// Observe mode: an `Upgrade` on a covered method passed through; enforcement would have
+    /// answered `400`.
+    ObservedWouldRefuseUpgrade,
+    /// A covered method without a key on a route that does not require one: passed through.
+    Unkeyed,
+    /// A method or route the layer does not cover: passed through untouched.
+    Uncovered,
+    /// `400`: the request path is ambiguous (answered before any route applies).
+    InvalidTarget,
+    /// `400`: an `Upgrade` on a covered method.
+    UpgradeRefused,
 }
 
 impl Outcome {
-    const ALL: [Self; 13] = [
+    /// The outcomes counted in `idempotency_requests_total`, in declaration order.
+    const ALL: [Self; 22] = [
         Self::Executed,
         Self::Replayed,
         Self::Conflict,
@@ -121,6 +162,15 @@ impl Outcome {
         Self::Throttled,
         Self::BodyTimeout,
         Self::Anonymous,
+        Self::ObservedWouldReplay,
+        Self::ObservedWouldConflict,
+        Self::ObservedWouldMismatch,
+        Self::ObservedWouldReject,
+        Self::ObservedWouldMissingKey,
+        Self::ObservedWouldInvalidKey,
+        Self::ObservedWouldTooLarge,
+        Self::ObservedWouldThrottle,
+        Self::ObservedWouldRejectAnonymous,
     ];
 
     /// The label value.
@@ -139,7 +189,36 @@ impl Outcome {
             Self::Throttled => "throttled",
             Self::BodyTimeout => "body_timeout",
             Self::Anonymous => "anonymous",
+            Self::ObservedWouldReplay => "observed_would_replay",
+            Self::ObservedWouldConflict => "observed_would_conflict",
+            Self::ObservedWouldMismatch => "observed_would_mismatch",
+            Self::ObservedWouldReject => "observed_would_reject",
+            Self::ObservedWouldMissingKey => "observed_would_missing_key",
+            Self::ObservedWouldInvalidKey => "observed_would_invalid_key",
+            Self::ObservedWouldTooLarge => "observed_would_too_large",
+            Self::ObservedWouldThrottle => "observed_would_throttle",
+            Self::ObservedWouldRejectAnonymous => "observed_would_reject_anonymous",
+            Self::ObservedWouldRefuseUpgrade => "observed_would_refuse_upgrade",
+            Self::Unkeyed => "unkeyed",
+            Self::Uncovered => "uncovered",
+            Self::InvalidTarget => "invalid_target",
+            Self::UpgradeRefused => "upgrade_refused",
         }
+    }
+
+    /// Whether the route was in observe mode and enforcement would have answered otherwise.
+    pub fn is_observed(self) -> bool {
+        self.as_str().starts_with("observed_")
+    }
+
+    fn is_counted(self) -> bool {
+        (self as usize) < Self::ALL.len()
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -249,6 +328,9 @@ fn register_handles() {
 }
 
 pub(crate) fn outcome(outcome: Outcome) {
+    if !outcome.is_counted() {
+        return;
+    }
     match HANDLES.get() {
         Some(handles) => handles.outcomes[outcome as usize].increment(1),
         None => counter!(REQUESTS_TOTAL, "outcome" => outcome.as_str()).increment(1),

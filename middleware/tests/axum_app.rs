@@ -888,3 +888,97 @@ async fn a_late_outcome_is_awaited_stored_and_replayed() {
     assert_eq!(&retry.body[..], b"late 1");
     assert_eq!(app.counters.runs(), 1);
 }
+
+/// Issue 15: an outer middleware reads the outcome extension; the hook sees every response.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_response_carries_its_outcome_and_the_hook_sees_each_one() {
+    use tower_idempotency::Outcome;
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let layer = {
+        let seen = seen.clone();
+        memory()
+            .route(
+                "/feed".parse().unwrap(),
+                Policy::default().with_required(true),
+            )
+            .on_outcome(move |outcome, head| {
+                seen.lock().unwrap().push(outcome);
+                head.headers
+                    .insert("x-hook-outcome", outcome.as_str().parse().unwrap());
+            })
+    };
+    async fn read_extension(request: Request, next: Next) -> Response {
+        let mut response = next.run(request).await;
+        let outcome = response
+            .extensions()
+            .get::<Outcome>()
+            .map_or("none", |outcome| outcome.as_str());
+        let value = HeaderValue::from_static(outcome);
+        response.headers_mut().insert("x-extension-outcome", value);
+        response
+    }
+    let app =
+        App::start_router(|counters| routes(counters).layer(layer).layer(from_fn(read_extension)))
+            .await;
+    let outcome = |reply: &Reply| {
+        assert_eq!(
+            reply.headers["x-hook-outcome"], reply.headers["x-extension-outcome"],
+            "{reply:?}"
+        );
+        reply.headers["x-extension-outcome"]
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+    let cases = [
+        (app.post("/payments", "k").body("1"), "executed"),
+        (app.post("/payments", "k").body("1"), "replayed"),
+        (app.post("/payments", "k").body("2"), "mismatch"),
+        (app.post("/payments", "").body("1"), "invalid_key"),
+        (
+            app.client.post(format!("{}/feed", app.base)).body("1"),
+            "missing_key",
+        ),
+        (
+            app.client.post(format!("{}/payments", app.base)).body("1"),
+            "unkeyed",
+        ),
+        (
+            app.client.get(format!("{}/payments", app.base)),
+            "uncovered",
+        ),
+        (app.post("/payments%2Fx", "k").body("1"), "invalid_target"),
+    ];
+    let mut expected = Vec::new();
+    for (request, want) in cases {
+        let reply = app.send(request).await;
+        assert_eq!(outcome(&reply), want, "{reply:?}");
+        expected.push(want);
+    }
+    let seen: Vec<&str> = seen.lock().unwrap().iter().map(|o| o.as_str()).collect();
+    assert_eq!(seen, expected);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn observe_mode_runs_what_enforcement_would_replay_and_says_so() {
+    use tower_idempotency::{Mode, Outcome};
+    let outcomes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let layer = {
+        let outcomes = outcomes.clone();
+        memory()
+            .policy(Policy::default().with_mode(Mode::Observe))
+            .on_outcome(move |outcome, _| outcomes.lock().unwrap().push(outcome))
+    };
+    let app = App::start(layer).await;
+    let first = app.send(app.post("/payments", "k").body("1")).await;
+    let retry = app.send(app.post("/payments", "k").body("1")).await;
+    assert_eq!(first.body, "charge 1 for 1");
+    assert_eq!(retry.body, "charge 2 for 1");
+    assert!(!retry.replayed());
+    assert_eq!(app.counters.runs(), 2);
+    assert_eq!(
+        *outcomes.lock().unwrap(),
+        [Outcome::Executed, Outcome::ObservedWouldReplay]
+    );
+    assert!(Outcome::ObservedWouldReplay.is_observed());
+}

@@ -14,7 +14,9 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use http::{HeaderName, Method, StatusCode, Uri};
 use serde::Deserialize;
-use tower_idempotency::{Anonymous, OnConflict, OnStoreError, PathPattern, Policy, Routes};
+use tower_idempotency::canonical_json::JsonPointerError;
+use tower_idempotency::fingerprint::BodyFingerprint;
+use tower_idempotency::{Anonymous, Mode, OnConflict, OnStoreError, PathPattern, Policy, Routes};
 
 /// Overrides `[store] url` when set, so secrets need not live in the file.
 pub const STORE_URL_ENV: &str = "IDEMPOTENCY_STORE_URL";
@@ -212,6 +214,26 @@ pub enum OnConflictConfig {
     Wait,
 }
 
+/// `enforce` or `observe`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModeConfig {
+    /// Refuse, replay and lock.
+    Enforce,
+    /// Shadow rollout: run every request, count what enforcement would have done.
+    Observe,
+}
+
+/// `bytes` or `json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FingerprintConfig {
+    /// The body's bytes as sent.
+    Bytes,
+    /// The body's canonical JSON form (bytes when it is not JSON).
+    Json,
+}
+
 /// `reject` or `forward`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -387,6 +409,21 @@ policy_fields! {
     /// `true` sends the upstream `Idempotency-Lease-Token` and `Idempotency-Attempt` with every
     /// request run under a lease, so it can fence its own writes. Default `false`.
     forward_lease: bool,
+    /// `enforce`, or `observe` for a shadow rollout: every request runs, and what enforcement
+    /// would have done (replay, `409`, `422`, `400`...) is counted and logged. Default `enforce`.
+    mode: ModeConfig,
+    /// `bytes` (the body as sent) or `json` (its canonical form: keys sorted, whitespace
+    /// dropped; a body that is not JSON counts as bytes). Default `bytes`.
+    fingerprint: FingerprintConfig,
+    /// JSON pointers (`/meta/request_id`) of members left out of a `json` fingerprint.
+    fingerprint_ignore: Vec<String>,
+    /// Base of every problem `type` URI (`<base>#<slug>`); an absolute URI. Default the crate's
+    /// docs.
+    problem_type_base: String,
+    /// When set, idempotency errors carry `Link: <docs_url>; rel="describedby"`.
+    docs_url: String,
+    /// Response headers never stored, hence never replayed (e.g. `set-cookie`). Default none.
+    replay_drop_headers: Vec<HeaderNameValue>,
 }
 
 mod defaults {
@@ -956,8 +993,51 @@ fn policy_from(fields: &PolicyConfig) -> Result<Policy, tower_idempotency::polic
     if let Some(forward) = fields.forward_lease {
         policy.forward_lease = forward;
     }
+    if let Some(mode) = fields.mode {
+        policy.mode = match mode {
+            ModeConfig::Enforce => Mode::Enforce,
+            ModeConfig::Observe => Mode::Observe,
+        };
+    }
+    policy.fingerprint = fingerprint_from(fields)?;
+    if let Some(base) = &fields.problem_type_base {
+        policy.problem_type_base = Some(base.clone());
+    }
+    if let Some(url) = &fields.docs_url {
+        policy.docs_url = Some(url.clone());
+    }
+    if let Some(headers) = &fields.replay_drop_headers {
+        policy.replay_drop_headers = headers.iter().map(|h| h.0.clone()).collect();
+    }
     policy.validate()?;
     Ok(policy)
+}
+
+/// The body fingerprint: `fingerprint_ignore` pointers are parsed here, and only go with `json`.
+fn fingerprint_from(
+    fields: &PolicyConfig,
+) -> Result<BodyFingerprint, tower_idempotency::policy::PolicyError> {
+    let fail = |reason: String| tower_idempotency::policy::PolicyError {
+        field: "fingerprint_ignore",
+        reason,
+    };
+    let ignore = fields.fingerprint_ignore.as_deref().unwrap_or_default();
+    match fields.fingerprint {
+        Some(FingerprintConfig::Json) => ignore
+            .iter()
+            .map(|pointer| {
+                pointer
+                    .parse()
+                    .map_err(|e: JsonPointerError| fail(e.to_string()))
+            })
+            .collect::<Result<_, _>>()
+            .map(BodyFingerprint::Json),
+        _ if !ignore.is_empty() => Err(fail(
+            "only applies with fingerprint = \"json\" (a bytes fingerprint has no members)"
+                .to_owned(),
+        )),
+        _ => Ok(BodyFingerprint::Bytes),
+    }
 }
 
 fn is_sql_identifier(name: &str) -> bool {
@@ -1239,11 +1319,66 @@ upstream = "http://127.0.0.1:3000"
                 "route[0].body_read_timeout",
                 8,
             ),
+            // Issue 15's keys: pointers parsed at load, and only with a JSON fingerprint.
+            (
+                "[[route]]\npath = \"/a\"\nfingerprint_ignore = [\"/ts\"]",
+                "route[0].fingerprint_ignore",
+                8,
+            ),
+            (
+                "[[route]]\npath = \"/a\"\nfingerprint = \"json\"\nfingerprint_ignore = [\"ts\"]",
+                "route[0].fingerprint_ignore",
+                9,
+            ),
+            (
+                "[[route]]\npath = \"/a\"\nproblem_type_base = \"/errors\"",
+                "route[0].problem_type_base",
+                8,
+            ),
+            (
+                "[[route]]\npath = \"/a\"\ndocs_url = \"https://x.example/<a>\"",
+                "route[0].docs_url",
+                8,
+            ),
+            (
+                "[[route]]\npath = \"/a\"\nmode = \"shadow\"",
+                "route[0].mode",
+                8,
+            ),
+            (
+                "[[route]]\npath = \"/a\"\nreplay_drop_headers = [\"bad header\"]",
+                "route[0].replay_drop_headers",
+                8,
+            ),
         ] {
             let (key, got_line, message) = error(&format!("{MINIMAL}\n{snippet}\n"));
             assert_eq!(key.as_deref(), Some(expected_key), "{message}");
             assert_eq!(got_line, Some(line), "{message}");
         }
+    }
+
+    #[test]
+    fn operator_keys_reach_the_route_policy() {
+        let config = parse(&format!(
+            "{MINIMAL}\n[idempotency]\nfingerprint = \"json\"\n\n[[route]]\npath = \"/a\"\n\
+             mode = \"observe\"\nfingerprint_ignore = [\"/meta/ts\"]\n\
+             problem_type_base = \"https://errors.example.com/p\"\n\
+             docs_url = \"https://docs.example.com\"\nreplay_drop_headers = [\"Set-Cookie\"]\n"
+        ))
+        .expect("config");
+        let routes = config.routes().expect("routes");
+        let route = routes.policy_for("/a");
+        assert_eq!(route.mode, Mode::Observe);
+        assert_eq!(
+            route.fingerprint,
+            BodyFingerprint::Json(vec!["/meta/ts".parse().unwrap()])
+        );
+        assert_eq!(route.docs_url.as_deref(), Some("https://docs.example.com"));
+        assert_eq!(route.replay_drop_headers, [http::header::SET_COOKIE]);
+        let default = routes.default_policy();
+        assert_eq!(default.mode, Mode::Enforce);
+        assert_eq!(default.fingerprint, BodyFingerprint::Json(Vec::new()));
+        assert_eq!(default.problem_type_base, None);
     }
 
     #[test]

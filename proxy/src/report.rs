@@ -2,7 +2,8 @@
 
 use std::fmt::Write;
 
-use tower_idempotency::{Anonymous, OnConflict, OnStoreError, Policy};
+use tower_idempotency::fingerprint::BodyFingerprint;
+use tower_idempotency::{Anonymous, Mode, OnConflict, OnStoreError, Policy};
 
 use crate::config::{Config, ConfigError};
 
@@ -141,6 +142,46 @@ fn describe_policy(out: &mut String, policy: &Policy) {
                 limit => format!("{limit} per caller"),
             },
         ),
+        (
+            "mode",
+            match policy.mode {
+                Mode::Observe => "observe (runs everything, counts what enforcing would do)",
+                _ => "enforce",
+            }
+            .to_owned(),
+        ),
+        (
+            "fingerprint",
+            match &policy.fingerprint {
+                BodyFingerprint::Json(ignore) if ignore.is_empty() => "json".to_owned(),
+                BodyFingerprint::Json(ignore) => format!(
+                    "json, ignoring {}",
+                    list(ignore.iter().map(ToString::to_string).collect())
+                ),
+                _ => "bytes".to_owned(),
+            },
+        ),
+        (
+            "problem_type_base",
+            policy
+                .problem_type_base
+                .clone()
+                .unwrap_or_else(|| format!("{} (default)", tower_idempotency::problem::TYPE_BASE)),
+        ),
+        (
+            "docs_url",
+            policy.docs_url.clone().unwrap_or_else(|| "none".to_owned()),
+        ),
+        (
+            "replay_drop_headers",
+            list(
+                policy
+                    .replay_drop_headers
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+            ),
+        ),
     ];
     for (name, value) in rows {
         let _ = writeln!(out, "  {name:<20} {value}");
@@ -211,5 +252,14 @@ mod tests {
             text.contains("never_store          408, 425, 429 and every 5xx"),
             "{text}"
         );
+        for line in [
+            "mode                 enforce",
+            "fingerprint          json, ignoring /meta/sent_at",
+            "docs_url             https://docs.example.com/payments/retries",
+            "replay_drop_headers  set-cookie",
+            "problem_type_base    https://docs.rs/",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 }

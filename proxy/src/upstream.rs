@@ -23,7 +23,7 @@ use tokio::net::TcpStream;
 use tower::Service;
 use tower_idempotency::headers::remove_hop_by_hop;
 use tower_idempotency::lease::{Lease, remove_lease_headers};
-use tower_idempotency::problem::{Problem, ProblemKind};
+use tower_idempotency::problem::{Problem, ProblemDocs, ProblemKind};
 use tower_idempotency::{LateOutcome, OutcomeUnknown, RequestBody};
 
 use crate::body_timeout::IdleTimeout;
@@ -137,17 +137,23 @@ impl Upstream {
         // one is a request the layer passes through untouched, as any reverse proxy would.
         let client_side = is_upgrade(request.version(), request.headers())
             .then(|| hyper::upgrade::on(&mut request));
+        // The route's problem docs, which the idempotency layer left when they are not defaults.
+        let docs = request
+            .extensions()
+            .get::<ProblemDocs>()
+            .cloned()
+            .unwrap_or_default();
         if client_side.is_some() && self.target.http2 {
             let problem = Problem::new(
                 ProblemKind::UpgradeNotAllowed,
                 "the proxy speaks HTTP/2 to its upstream (upstream_http2), where a connection \
                  cannot switch protocols",
             );
-            return problem.into_response(problem_body);
+            return problem.documented(&docs).into_response(problem_body);
         }
         let request = match self.target.rewrite(request) {
             Ok(request) => request,
-            Err(problem) => return problem.into_response(problem_body),
+            Err(problem) => return problem.documented(&docs).into_response(problem_body),
         };
         let started = Instant::now();
         // Pinned here rather than inside the timeout, so that a call that times out can be handed
@@ -180,7 +186,7 @@ impl Upstream {
                 // A failure to connect means the request never left: safe to run again. Any
                 // later failure may have hit after the upstream acted on it.
                 let sent = !error.is_connect();
-                mark_unknown(problem.into_response(problem_body), sent)
+                mark_unknown(problem.documented(&docs).into_response(problem_body), sent)
             }
             Err(_) => {
                 telemetry::upstream_call(started.elapsed(), 504);
@@ -193,7 +199,7 @@ impl Upstream {
                     ),
                 );
                 // The upstream may still be working on it: the layer awaits its late answer.
-                let mut response = mark_unknown(problem.into_response(problem_body), true);
+                let mut response = mark_unknown(problem.documented(&docs).into_response(problem_body), true);
                 let body_timeout = self.target.body_timeout;
                 let late = async move {
                     let mut response = call.await?;

@@ -9,6 +9,8 @@ use http::Response;
 use pin_project_lite::pin_project;
 
 use super::body::ResponseBody;
+use super::outcome::{OutcomeHook, run_hook, tagged};
+use crate::telemetry::Outcome;
 
 pin_project! {
     /// Response future of [`Idempotency`](super::Idempotency).
@@ -18,22 +20,24 @@ pin_project! {
     pub struct ResponseFuture<F, B, E> {
         #[pin]
         kind: Kind<F, B, E>,
+        hook: Option<OutcomeHook>,
     }
 }
 
 pin_project! {
     #[project = KindProj]
     enum Kind<F, B, E> {
-        Passthrough { #[pin] future: F },
+        Passthrough { #[pin] future: F, outcome: Outcome },
         Managed { future: BoxFuture<'static, Result<Response<ResponseBody<B>>, E>> },
         Ready { response: Option<Response<ResponseBody<B>>> },
     }
 }
 
 impl<F, B, E> ResponseFuture<F, B, E> {
-    pub(crate) fn passthrough(future: F) -> Self {
+    pub(crate) fn passthrough(future: F, outcome: Outcome) -> Self {
         Self {
-            kind: Kind::Passthrough { future },
+            kind: Kind::Passthrough { future, outcome },
+            hook: None,
         }
     }
 
@@ -42,6 +46,7 @@ impl<F, B, E> ResponseFuture<F, B, E> {
     ) -> Self {
         Self {
             kind: Kind::Managed { future },
+            hook: None,
         }
     }
 
@@ -50,7 +55,14 @@ impl<F, B, E> ResponseFuture<F, B, E> {
             kind: Kind::Ready {
                 response: Some(response),
             },
+            hook: None,
         }
+    }
+
+    /// Runs `hook` on the response when it is ready.
+    pub(crate) fn with_hook(mut self, hook: Option<&OutcomeHook>) -> Self {
+        self.hook = hook.cloned();
+        self
     }
 }
 
@@ -61,15 +73,20 @@ where
     type Output = Result<Response<ResponseBody<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().kind.project() {
-            KindProj::Passthrough { future } => {
+        let this = self.project();
+        let response = match this.kind.project() {
+            KindProj::Passthrough { future, outcome } => {
                 let response = ready!(future.poll(cx))?;
-                Poll::Ready(Ok(response.map(ResponseBody::inner)))
+                tagged(response.map(ResponseBody::inner), *outcome)
             }
-            KindProj::Managed { future } => future.as_mut().poll(cx),
-            KindProj::Ready { response } => Poll::Ready(Ok(response
+            KindProj::Managed { future } => ready!(future.as_mut().poll(cx))?,
+            KindProj::Ready { response } => response
                 .take()
-                .expect("ResponseFuture polled after completion"))),
-        }
+                .expect("ResponseFuture polled after completion"),
+        };
+        Poll::Ready(Ok(match this.hook.take() {
+            Some(hook) => run_hook(&hook, response),
+            None => response,
+        }))
     }
 }

@@ -8,6 +8,7 @@ use tower::Layer;
 use super::Idempotency;
 use super::callers::Callers;
 use super::leases::LeasesInFlight;
+use super::outcome::OutcomeHook;
 use crate::policy::{PathPattern, Policy, Routes};
 use crate::scope::Scope;
 use crate::store::IdempotencyStore;
@@ -43,6 +44,7 @@ pub(crate) struct Shared<St> {
     pub(crate) routes: Arc<RoutesCell>,
     pub(crate) leases: LeasesInFlight,
     pub(crate) scope: Option<ScopeFn>,
+    pub(crate) on_outcome: Option<OutcomeHook>,
     pub(crate) store_timeout: Duration,
     pub(crate) poll_interval: Duration,
 }
@@ -55,6 +57,7 @@ impl<St> Clone for Shared<St> {
             routes: self.routes.clone(),
             leases: self.leases.clone(),
             scope: self.scope.clone(),
+            on_outcome: self.on_outcome.clone(),
             store_timeout: self.store_timeout,
             poll_interval: self.poll_interval,
         }
@@ -95,6 +98,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
                 routes: Arc::default(),
                 leases: LeasesInFlight::default(),
                 scope: None,
+                on_outcome: None,
                 store_timeout: Duration::from_secs(5),
                 poll_interval: Duration::from_secs(1),
             }),
@@ -160,6 +164,32 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     #[must_use]
     pub fn scope_with(mut self, scope: impl Fn(&Parts) -> Scope + Send + Sync + 'static) -> Self {
         self.shared_mut().scope = Some(Arc::new(scope));
+        self
+    }
+
+    /// Runs `hook` once for every response the layer hands back, with its [`Outcome`] (also in
+    /// the response's extensions) and the response head, which the hook may change. It runs in
+    /// the request's task when the head is ready, before the body streams: keep it quick.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use tower_idempotency::{IdempotencyLayer, MemoryStore, Outcome};
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).on_outcome(|outcome, head| {
+    ///     if outcome == Outcome::Replayed {
+    ///         head.headers.insert("x-served-from", "idempotency-store".parse().unwrap());
+    ///     }
+    /// });
+    /// # drop(layer); }
+    /// ```
+    ///
+    /// [`Outcome`]: crate::Outcome
+    #[must_use]
+    pub fn on_outcome(
+        mut self,
+        hook: impl Fn(crate::Outcome, &mut http::response::Parts) + Send + Sync + 'static,
+    ) -> Self {
+        self.shared_mut().on_outcome = Some(Arc::new(hook));
         self
     }
 

@@ -9,6 +9,8 @@ mod future;
 mod late;
 mod layer;
 mod leases;
+mod observe;
+mod outcome;
 mod service;
 
 pub use body::{RequestBody, ResponseBody};
@@ -17,4 +19,5 @@ pub use future::ResponseFuture;
 pub use late::LateOutcome;
 pub use layer::{IdempotencyLayer, ScopeFn};
 pub use leases::LeasesInFlight;
+pub use outcome::OutcomeHook;
 pub use service::{Idempotency, OutcomeUnknown};

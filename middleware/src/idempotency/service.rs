@@ -21,18 +21,19 @@ use super::callers::CallerPermit;
 use super::future::ResponseFuture;
 use super::late::{self, LateOutcome};
 use super::layer::Shared;
+use super::{observe, outcome};
 use crate::BoxError;
 use crate::fingerprint::Fingerprint;
 use crate::headers::IDEMPOTENT_REPLAYED;
 use crate::key::{KeyError, parse_key};
 use crate::lease::CompletedByHandler;
 use crate::path;
-use crate::policy::{Anonymous, OnConflict, OnStoreError, Policy};
+use crate::policy::{Anonymous, Mode, OnConflict, OnStoreError, Policy};
 use crate::problem::{Problem, ProblemKind};
 use crate::record::StoredResponse;
 use crate::scope::{ClientIp, RecordKey, Scope, presents_credentials};
 use crate::store::{Begin, IdempotencyStore, LeaseToken, StoreError};
-use crate::telemetry as m;
+use crate::telemetry::{self as m, Outcome};
 
 /// Marks a response whose operation may or may not have taken effect: the inner service gave up
 /// on it (an upstream timeout, a connection lost after the request was sent) while it may still be
@@ -130,7 +131,70 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request<ReqB>) -> Self::Future {
+    fn call(&mut self, request: Request<ReqB>) -> Self::Future {
+        let hook = self.shared.on_outcome.clone();
+        self.dispatch(request).with_hook(hook.as_ref())
+    }
+}
+
+impl<S, St: IdempotencyStore> Idempotency<S, St> {
+    /// Hands the request on untouched, its response tagged with `outcome`.
+    fn pass<ReqB, ResB>(
+        &mut self,
+        parts: Parts,
+        body: ReqB,
+        outcome: Outcome,
+    ) -> ResponseFuture<S::Future, ResB, S::Error>
+    where
+        S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+        ReqB: Body<Data = Bytes> + Send + 'static,
+        ReqB::Error: Into<BoxError>,
+        ResB: Body<Data = Bytes> + Send + 'static,
+        ResB::Error: Into<BoxError>,
+    {
+        let request = Request::from_parts(parts, RequestBody::original(body));
+        ResponseFuture::passthrough(self.inner.call(request), outcome)
+    }
+
+    /// Refuses the request, or in observe mode notes that enforcement would have and runs it.
+    fn refuse_or_observe<ReqB, ResB>(
+        &mut self,
+        policy: &Policy,
+        (parts, body): (Parts, ReqB),
+        (refused, observed): (Outcome, Outcome),
+        problem: Problem,
+    ) -> ResponseFuture<S::Future, ResB, S::Error>
+    where
+        S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+        ReqB: Body<Data = Bytes> + Send + 'static,
+        ReqB::Error: Into<BoxError>,
+        ResB: Body<Data = Bytes> + Send + 'static,
+        ResB::Error: Into<BoxError>,
+    {
+        if policy.mode == Mode::Observe {
+            let observed = observe::noted(observed, parts.uri.path());
+            return self.pass(parts, body, observed);
+        }
+        ResponseFuture::ready(outcome::refused(policy, refused, problem))
+    }
+
+    fn dispatch<ReqB, ResB>(
+        &mut self,
+        mut request: Request<ReqB>,
+    ) -> ResponseFuture<S::Future, ResB, S::Error>
+    where
+        S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+        ReqB: Body<Data = Bytes> + Send + 'static,
+        ReqB::Error: Into<BoxError>,
+        ResB: Body<Data = Bytes> + Send + 'static,
+        ResB::Error: Into<BoxError>,
+    {
         // One look at the routes per request: a reload swaps them between requests, not within.
         let routes = self.shared.routes.current();
         // Routes, fingerprint and the inner service all see the path the upstream will act on.
@@ -138,47 +202,61 @@ where
             Ok(Some(normal)) => *request.uri_mut() = normal,
             Ok(None) => {}
             Err(error) => {
-                return ResponseFuture::ready(problem(Problem::new(
-                    ProblemKind::InvalidTarget,
-                    format!("the request path is ambiguous: {error}"),
-                )));
+                // No route applies to a path that has no single meaning: the default's docs do.
+                return ResponseFuture::ready(outcome::refused(
+                    routes.default_policy(),
+                    Outcome::InvalidTarget,
+                    Problem::new(
+                        ProblemKind::InvalidTarget,
+                        format!("the request path is ambiguous: {error}"),
+                    ),
+                ));
             }
         }
         let policy = routes.policy_for(request.uri().path()).clone();
-        if !policy.covers(request.method()) {
-            return ResponseFuture::passthrough(
-                self.inner.call(request.map(RequestBody::original)),
-            );
-        }
-        if asks_to_switch_protocols(request.headers()) {
-            return ResponseFuture::ready(problem(upgrade_refused(request.method())));
+        let docs = policy.problem_docs();
+        if !docs.is_default() {
+            // For the inner service's own problem answers (the proxy's 502 and 504).
+            request.extensions_mut().insert(docs);
         }
         let (parts, body) = request.into_parts();
+        if !policy.covers(&parts.method) {
+            return self.pass(parts, body, Outcome::Uncovered);
+        }
+        if asks_to_switch_protocols(&parts.headers) {
+            let refusal = upgrade_refused(&parts.method);
+            return self.refuse_or_observe(
+                &policy,
+                (parts, body),
+                (Outcome::UpgradeRefused, Outcome::ObservedWouldRefuseUpgrade),
+                refusal,
+            );
+        }
         let mut keys = parts.headers.get_all(&policy.header).iter();
         let key = match (keys.next(), keys.next()) {
             (None, _) if policy.required => {
-                m::outcome(m::Outcome::MissingKey);
                 let detail = format!("this route requires the `{}` header", policy.header);
-                return ResponseFuture::ready(problem(Problem::new(
-                    ProblemKind::MissingKey,
-                    detail,
-                )));
+                return self.refuse_or_observe(
+                    &policy,
+                    (parts, body),
+                    (Outcome::MissingKey, Outcome::ObservedWouldMissingKey),
+                    Problem::new(ProblemKind::MissingKey, detail),
+                );
             }
-            (None, _) => {
-                let request = Request::from_parts(parts, RequestBody::original(body));
-                return ResponseFuture::passthrough(self.inner.call(request));
-            }
+            (None, _) => return self.pass(parts, body, Outcome::Unkeyed),
             (Some(_), Some(_)) => Err(KeyError::Repeated),
             (Some(value), None) => parse_key(value),
         };
         let key = match key {
             Ok(key) => key,
             Err(error) => {
-                m::outcome(m::Outcome::InvalidKey);
-                return ResponseFuture::ready(problem(Problem::new(
-                    ProblemKind::InvalidKey,
-                    format!("`{}`: {error}", policy.header),
-                )));
+                let detail = format!("`{}`: {error}", policy.header);
+                return self.refuse_or_observe(
+                    &policy,
+                    (parts, body),
+                    (Outcome::InvalidKey, Outcome::ObservedWouldInvalidKey),
+                    Problem::new(ProblemKind::InvalidKey, detail),
+                );
             }
         };
         let (scope, anonymous) = match &self.shared.scope {
@@ -196,11 +274,15 @@ where
             ),
         };
         if anonymous && policy.anonymous == Anonymous::Reject {
-            m::outcome(m::Outcome::Anonymous);
-            return ResponseFuture::ready(problem(Problem::new(
-                ProblemKind::CredentialsRequired,
-                "this route runs keyed requests only for callers who identify themselves",
-            )));
+            return self.refuse_or_observe(
+                &policy,
+                (parts, body),
+                (Outcome::Anonymous, Outcome::ObservedWouldRejectAnonymous),
+                Problem::new(
+                    ProblemKind::CredentialsRequired,
+                    "this route runs keyed requests only for callers who identify themselves",
+                ),
+            );
         }
         let record_key = RecordKey::new(&scope, &key);
         // Anonymous callers share a scope, not a limit: each client address has its own.
@@ -214,8 +296,10 @@ where
             limit => match self.shared.callers.admit(counted_as, limit) {
                 Some(permit) => Some(permit),
                 None => {
-                    m::outcome(m::Outcome::Throttled);
-                    return ResponseFuture::ready(problem(
+                    return self.refuse_or_observe(
+                        &policy,
+                        (parts, body),
+                        (Outcome::Throttled, Outcome::ObservedWouldThrottle),
                         Problem::new(
                             ProblemKind::TooManyInFlight,
                             format!(
@@ -224,10 +308,16 @@ where
                             ),
                         )
                         .retry_after(policy.retry_after),
-                    ));
+                    );
                 }
             },
         };
+        if policy.mode == Mode::Observe && body.size_hint().lower() > policy.max_request_body as u64
+        {
+            // Observe mode runs it unread: enforcement would refuse it before reading it too.
+            let observed = observe::noted(Outcome::ObservedWouldTooLarge, parts.uri.path());
+            return self.pass(parts, body, observed);
+        }
         // The clone takes the place of the service that was driven to readiness, which goes on
         // to run the request (the usual tower idiom).
         let clone = self.inner.clone();
@@ -241,10 +331,6 @@ where
         };
         ResponseFuture::managed(Box::pin(request.handle(ready, body)))
     }
-}
-
-fn problem<B>(problem: Problem) -> Response<ResponseBody<B>> {
-    problem.into_response(ResponseBody::full)
 }
 
 /// An `Upgrade` request (WebSocket and the like): its response is a switch to another protocol,
@@ -291,59 +377,74 @@ impl<St: IdempotencyStore> Keyed<St> {
     {
         let body = match self.buffer_body(body).await {
             Ok(body) => body,
-            Err(rejection) => return Ok(problem(rejection)),
+            Err((outcome, rejection)) => {
+                return Ok(outcome::refused(&self.policy, outcome, rejection));
+            }
         };
         let fingerprint = Fingerprint::of_request(
             &self.parts.method,
             &self.parts.uri,
             &self.parts.headers,
             &self.policy.fingerprint_headers,
-            &body,
+            &self.policy.fingerprint.prepare(&body),
         );
-        match self.begin(&fingerprint).await {
+        let observed = match self.begin(&fingerprint).await {
             Ok(Begun::Acquired(granted)) => {
-                m::outcome(m::Outcome::Executed);
-                self.execute(inner, body, granted).await
+                m::outcome(Outcome::Executed);
+                let response = self.execute(inner, body, granted).await?;
+                return Ok(outcome::tagged(response, Outcome::Executed));
             }
-            Ok(Begun::Answered(response)) => Ok(response),
-            Err(error) => match self.policy.on_store_error {
-                OnStoreError::Reject => {
-                    m::outcome(m::Outcome::Rejected);
+            Ok(Begun::Answered(response)) => return Ok(response),
+            Ok(Begun::Observed(observed)) => observe::noted(observed, self.parts.uri.path()),
+            Err(error) => match (self.policy.on_store_error, self.policy.mode) {
+                (OnStoreError::Reject, Mode::Enforce) => {
                     tracing::warn!(%error, "idempotency store failed; rejecting the request");
-                    Ok(problem(
+                    return Ok(outcome::refused(
+                        &self.policy,
+                        Outcome::Rejected,
                         Problem::new(
                             ProblemKind::StoreUnavailable,
                             "the idempotency store is unavailable; the request was not run",
                         )
                         .retry_after(self.policy.retry_after),
-                    ))
+                    ));
                 }
-                OnStoreError::Forward => {
-                    m::outcome(m::Outcome::Forwarded);
+                (OnStoreError::Reject, _) => {
+                    tracing::warn!(%error, "idempotency store failed; observe mode runs the request");
+                    observe::noted(Outcome::ObservedWouldReject, self.parts.uri.path())
+                }
+                (OnStoreError::Forward, _) => {
+                    m::outcome(Outcome::Forwarded);
                     tracing::warn!(%error, "idempotency store failed; running the request unprotected");
-                    let mut inner = inner;
-                    let request = Request::from_parts(self.parts, RequestBody::buffered(body));
-                    Ok(inner.call(request).await?.map(ResponseBody::inner))
+                    Outcome::Forwarded
                 }
             },
-        }
+        };
+        // Runs without a lease, and its response is not stored: what the store holds (another
+        // request's lease or record) is left as it was.
+        let mut inner = inner;
+        let request = Request::from_parts(self.parts, RequestBody::buffered(body));
+        let response = inner.call(request).await?.map(ResponseBody::inner);
+        Ok(outcome::tagged(response, observed))
     }
 
     /// Reads the whole request body, refusing bodies over the policy's limit (`413`) before
     /// reading them where `Content-Length` already tells, and bodies slower than
     /// `body_read_timeout` (`408`). Nothing has run and no lease is held yet, so a refusal leaves
     /// nothing behind.
-    async fn buffer_body<B>(&self, body: B) -> Result<Bytes, Problem>
+    async fn buffer_body<B>(&self, body: B) -> Result<Bytes, (Outcome, Problem)>
     where
         B: Body<Data = Bytes>,
         B::Error: Into<BoxError>,
     {
         let limit = self.policy.max_request_body;
         let too_large = || {
-            m::outcome(m::Outcome::TooLarge);
-            Problem::new(
-                ProblemKind::BodyTooLarge,
-                format!("the request body is larger than {limit} bytes"),
+            (
+                Outcome::TooLarge,
+                Problem::new(
+                    ProblemKind::BodyTooLarge,
+                    format!("the request body is larger than {limit} bytes"),
+                ),
             )
         };
         if body.size_hint().lower() > limit as u64 {
@@ -353,25 +454,27 @@ impl<St: IdempotencyStore> Keyed<St> {
         let Ok(collected) =
             tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await
         else {
-            m::outcome(m::Outcome::BodyTimeout);
-            return Err(Problem::new(
-                ProblemKind::BodyReadTimeout,
-                format!(
-                    "the request body did not arrive within {}ms; nothing was run",
-                    timeout.as_millis()
+            return Err((
+                Outcome::BodyTimeout,
+                Problem::new(
+                    ProblemKind::BodyReadTimeout,
+                    format!(
+                        "the request body did not arrive within {}ms; nothing was run",
+                        timeout.as_millis()
+                    ),
                 ),
             ));
         };
         match collected {
             Ok(collected) => Ok(collected.to_bytes()),
             Err(error) if error.is::<LengthLimitError>() => Err(too_large()),
-            Err(error) => {
-                m::outcome(m::Outcome::InvalidBody);
-                Err(Problem::new(
+            Err(error) => Err((
+                Outcome::InvalidBody,
+                Problem::new(
                     ProblemKind::InvalidBody,
                     format!("the request body could not be read: {error}"),
-                ))
-            }
+                ),
+            )),
         }
     }
 
@@ -406,7 +509,9 @@ impl<St: IdempotencyStore> Keyed<St> {
 
     /// Takes the lease, or answers from the record: replay, `422`, `409`, or after waiting.
     async fn begin<B>(&self, fingerprint: &Fingerprint) -> Result<Begun<B>, StoreError> {
-        let subscription = (self.policy.on_conflict == OnConflict::Wait)
+        let observing = self.policy.mode == Mode::Observe;
+        // Observe mode never waits: the duplicate runs at once, as without the layer.
+        let subscription = (self.policy.on_conflict == OnConflict::Wait && !observing)
             .then(|| self.shared.store.subscribe(&self.record_key));
         let deadline = Instant::now() + self.policy.wait_timeout;
         loop {
@@ -420,24 +525,43 @@ impl<St: IdempotencyStore> Keyed<St> {
                     attempt,
                     recovery_point,
                 } => return Ok(Begun::Acquired((token, attempt, recovery_point))),
+                Begin::Completed(_) if observing => {
+                    return Ok(Begun::Observed(Outcome::ObservedWouldReplay));
+                }
                 Begin::Completed(stored) => {
-                    m::outcome(m::Outcome::Replayed);
+                    m::outcome(Outcome::Replayed);
                     let mut response = stored.into_response(ResponseBody::full);
+                    // Records stored before the header was listed do not replay it either.
+                    for name in &self.policy.replay_drop_headers {
+                        response.headers_mut().remove(name);
+                    }
                     response.headers_mut().insert(
                         IDEMPOTENT_REPLAYED.clone(),
                         HeaderValue::from_static("true"),
                     );
-                    return Ok(Begun::Answered(response));
+                    return Ok(Begun::Answered(outcome::tagged(
+                        response,
+                        Outcome::Replayed,
+                    )));
+                }
+                Begin::Mismatch if observing => {
+                    return Ok(Begun::Observed(Outcome::ObservedWouldMismatch));
                 }
                 Begin::Mismatch => {
-                    m::outcome(m::Outcome::Mismatch);
-                    return Ok(Begun::Answered(problem(Problem::new(
-                        ProblemKind::KeyReused,
-                        format!(
-                            "this `{}` was already used for a different request",
-                            self.policy.header
+                    return Ok(Begun::Answered(outcome::refused(
+                        &self.policy,
+                        Outcome::Mismatch,
+                        Problem::new(
+                            ProblemKind::KeyReused,
+                            format!(
+                                "this `{}` was already used for a different request",
+                                self.policy.header
+                            ),
                         ),
-                    ))));
+                    )));
+                }
+                Begin::InFlight if observing => {
+                    return Ok(Begun::Observed(Outcome::ObservedWouldConflict));
                 }
                 Begin::InFlight => {
                     let now = Instant::now();
@@ -456,8 +580,9 @@ impl<St: IdempotencyStore> Keyed<St> {
                         let _woken = tokio::time::timeout(nap, completed).await;
                         continue;
                     }
-                    m::outcome(m::Outcome::Conflict);
-                    return Ok(Begun::Answered(problem(
+                    return Ok(Begun::Answered(outcome::refused(
+                        &self.policy,
+                        Outcome::Conflict,
                         Problem::new(
                             ProblemKind::InFlight,
                             format!(
@@ -583,6 +708,8 @@ type Granted = (LeaseToken, u32, Option<crate::lease::Checkpoint>);
 enum Begun<B> {
     Acquired(Granted),
     Answered(Response<ResponseBody<B>>),
+    /// Observe mode: what enforcement would have answered; the request runs without a lease.
+    Observed(Outcome),
 }
 
 impl<St: IdempotencyStore> Shared<St> {
@@ -700,7 +827,9 @@ impl<St: IdempotencyStore> Lease<St> {
             // The call may still answer: wait for it under the lease rather than lose it.
             let window = self.policy.lock_ttl;
             tokio::spawn(late::await_late(self.take(), call, window));
-            return problem(late::pending(window));
+            return late::pending(window)
+                .documented(&self.policy.problem_docs())
+                .into_response(ResponseBody::full);
         }
         if parts.extensions.get::<OutcomeUnknown>().is_some() {
             // The operation may still be running, or may have run: a retry now could run it a
@@ -750,7 +879,9 @@ impl<St: IdempotencyStore> Lease<St> {
                     // followed by a broken body.
                     let error: BoxError = error.into();
                     self.outcome_unknown(&error);
-                    return problem(body_failed(&error));
+                    return body_failed(&error)
+                        .documented(&self.policy.problem_docs())
+                        .into_response(ResponseBody::full);
                 }
                 Some(None) => ended = true,
                 None => break,
@@ -810,7 +941,12 @@ impl<St: IdempotencyStore> Lease<St> {
     /// Stores the response, retrying a failing store briefly: giving up means a retry after the
     /// lease expires runs the request again.
     pub(super) async fn complete(&mut self, parts: &http::response::Parts, body: Bytes) {
-        let stored = StoredResponse::new(parts.status, parts.headers.clone(), body);
+        let mut headers = parts.headers.clone();
+        // Dropped before storing: such headers (a session cookie) never sit in the store.
+        for name in &self.policy.replay_drop_headers {
+            headers.remove(name);
+        }
+        let stored = StoredResponse::new(parts.status, headers, body);
         let mut backoff = Duration::from_millis(50);
         for attempt in 1..=COMPLETE_ATTEMPTS {
             let store = self.shared.store();
