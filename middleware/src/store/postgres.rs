@@ -154,6 +154,17 @@ const LISTENER_TIMEOUT: Duration = Duration::from_secs(10);
 /// `complete` sets the response and the record's TTL; `release` deletes the row; `renew` moves
 /// `expires_at`.
 ///
+/// # Group commit
+///
+/// Concurrent `begin`s (and `complete`s) are merged: while a statement is in flight, the calls
+/// that arrive queue, and the next free worker (two per operation) runs all of them as one
+/// statement over `unnest` of arrays, the same logic row by row, fencing checked per row (see
+/// `pg_batch.rs`). There is no timer: a lone call runs the single-request statement above at
+/// once. Two calls on one key never share a statement (the second runs in the next one, as if
+/// sequential). A statement commits before any of its calls is answered, or fails and fails
+/// them all; a batch not done within 5 s fails with [`StoreError::Timeout`]. The sizes are in
+/// the `idempotency_store_batch_size` histogram.
+///
 /// # Notifications
 ///
 /// A request that waits for an in-flight key (`on_conflict = "wait"`) calls `watch`, which sets

@@ -147,10 +147,18 @@ const REAP: &str = concat!(
 ///
 /// The database is opened in WAL mode, so reads never wait for the writer. `begin` first looks
 /// the key up with a plain read: a replay, an in-flight key and a mismatch are answered without
-/// taking the write lock. Only when no live row exists does it open a `BEGIN IMMEDIATE`
-/// transaction (which takes SQLite's single write lock up front, waiting up to the busy timeout),
-/// look again under that lock, and insert or take over the row with a new token. Because SQLite
-/// admits one writer at a time, two concurrent `begin`s cannot both acquire.
+/// taking the write lock. Only when no live row exists does it hand the call to the store's
+/// single writer task, which opens a `BEGIN IMMEDIATE` transaction (taking SQLite's write lock
+/// up front, waiting up to the busy timeout), looks again under that lock, and inserts or takes
+/// over the row with a new token. Because SQLite admits one writer at a time, two concurrent
+/// `begin`s cannot both acquire.
+///
+/// **Group commit.** The writer runs every `begin` and `complete` queued while it was busy in
+/// one transaction, one after the other in queue order (so two calls on one key behave as if
+/// sequential), and answers them only after `COMMIT`: one write lock and one fsync per batch.
+/// A statement that fails rolls the whole batch back and fails every call of it. No timer: a
+/// lone call finds the writer idle and runs at once. The sizes are in the
+/// `idempotency_store_batch_size` histogram.
 ///
 /// `complete`, `renew` and `release` are single statements conditional on the lease
 /// (`WHERE key = ? AND token = ? AND response IS NULL`); when they change no row the call returns
