@@ -694,3 +694,43 @@ async fn without_auto_migrate_the_schema_comes_from_the_migrate_command() {
     let retry = proxy.send(proxy.post("/payments", "after")).await;
     assert!(retry.replayed(), "{retry:?}");
 }
+
+/// The SQL stores merge concurrent begins and completes (group commit) and the proxy exports the
+/// batch sizes on its admin `/metrics`.
+async fn the_batch_sizes_of_a_sql_store_are_exported(kind: Kind, expected: &[&str]) {
+    let store = Store::new(kind);
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(&config(&upstream.url, &store.section()));
+    let reply = proxy
+        .send(proxy.post("/payments", "batched").body("x"))
+        .await;
+    assert!(reply.status.is_success(), "{reply:?}");
+    let metrics = proxy.admin_get("/metrics").await.text();
+    for line in expected {
+        assert!(metrics.contains(line), "missing {line:?} in:\n{metrics}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sqlite_stores_batch_sizes_are_exported() {
+    the_batch_sizes_of_a_sql_store_are_exported(
+        Kind::Sqlite,
+        &[
+            "idempotency_store_batch_size_bucket{backend=\"sqlite\",operation=\"write\",le=\"1\"} 2",
+            "# HELP idempotency_store_batch_size",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_postgres_stores_batch_sizes_are_exported() {
+    the_batch_sizes_of_a_sql_store_are_exported(
+        Kind::Postgres,
+        &[
+            "idempotency_store_batch_size_bucket{backend=\"postgres\",operation=\"begin\",le=\"1\"} 1",
+            "idempotency_store_batch_size_bucket{backend=\"postgres\",operation=\"complete\",le=\"1\"} 1",
+        ],
+    )
+    .await;
+}

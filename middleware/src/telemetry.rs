@@ -12,6 +12,7 @@
 //! | `idempotency_leases_lost_total` | counter | |
 //! | `idempotency_responses_not_stored_total` | counter | `reason`: see [`NotStored`] |
 //! | `idempotency_reaped_records_total` | counter | `backend`: `postgres`, `sqlite` (SQL stores' reapers) |
+//! | `idempotency_store_batch_size` | histogram | `backend`: `postgres`, `sqlite`; `operation`: `begin`, `complete` (PostgreSQL), `write` (SQLite's single writer): calls merged into one statement or transaction (group commit) |
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -66,6 +67,12 @@ pub fn describe() {
         LEASES_LOST_TOTAL,
         Unit::Count,
         "Leases found taken over by another request after lock_ttl"
+    );
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    describe_histogram!(
+        crate::store::STORE_BATCH_SIZE,
+        Unit::Count,
+        "Store calls merged into one statement or transaction (group commit), by backend and operation"
     );
     describe_counter!(
         RESPONSES_NOT_STORED_TOTAL,

@@ -435,3 +435,206 @@ async fn from_pool_serves_from_the_applications_own_pool() {
         .expect("count through the application's pool");
     assert_eq!(rows, 1);
 }
+
+// Group commit: the writes that queue while the writer is busy share one transaction.
+
+mod batch_sizes {
+    //! A recorder of the batch-size histogram of one store.
+    use std::sync::{Arc, Mutex};
+
+    use metrics::{
+        Counter, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder, SharedString,
+        Unit,
+    };
+
+    #[derive(Default, Clone)]
+    pub(crate) struct Sizes(Arc<Mutex<Vec<f64>>>);
+
+    impl Sizes {
+        pub(crate) fn seen(&self) -> Vec<f64> {
+            self.0.lock().expect("sizes").clone()
+        }
+    }
+
+    impl HistogramFn for Sizes {
+        fn record(&self, value: f64) {
+            self.0.lock().expect("sizes").push(value);
+        }
+    }
+
+    impl Recorder for Sizes {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, _: &Key, _: &Metadata<'_>) -> Counter {
+            Counter::noop()
+        }
+        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::noop()
+        }
+        fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+            if key.name() == tower_idempotency::store::STORE_BATCH_SIZE {
+                Histogram::from_arc(Arc::new(self.clone()))
+            } else {
+                Histogram::noop()
+            }
+        }
+    }
+}
+
+/// Opens a store whose batch sizes `sizes` records (the histogram handle is taken when the
+/// store starts its writer).
+async fn store_recording(dir: &TempDir, sizes: &batch_sizes::Sizes) -> SqliteStore {
+    let url = url(dir);
+    tokio::task::block_in_place(|| {
+        metrics::with_local_recorder(sizes, || {
+            tokio::runtime::Handle::current().block_on(SqliteStore::connect(&url))
+        })
+    })
+    .expect("open the store")
+}
+
+/// Holds SQLite's write lock from a connection of its own until [`unlock`].
+async fn hold_write_lock(dir: &TempDir) -> SqliteConnection {
+    let mut conn = SqliteConnection::connect(&url(dir)).await.expect("open");
+    sqlx::raw_sql("BEGIN IMMEDIATE")
+        .execute(&mut conn)
+        .await
+        .expect("take the write lock");
+    conn
+}
+
+async fn unlock(mut conn: SqliteConnection) {
+    sqlx::raw_sql("COMMIT")
+        .execute(&mut conn)
+        .await
+        .expect("commit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_queued_while_the_writer_is_busy_share_one_transaction() {
+    let dir = TempDir::new().expect("temporary directory");
+    let sizes = batch_sizes::Sizes::default();
+    let store = store_recording(&dir, &sizes).await;
+    let lock = hold_write_lock(&dir).await;
+    let calls: Vec<_> = (0..40)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let key = key(&format!("distinct-{i}"));
+                (key, store.begin(&key, &fingerprint(1), LONG).await)
+            })
+        })
+        .collect();
+    // The same key twice more, from two fingerprints: they queue behind the first.
+    let same: Vec<_> = (1..=2u8)
+        .map(|tag| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .begin(&key("distinct-0"), &fingerprint(tag), LONG)
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    unlock(lock).await;
+    let mut leases = Vec::new();
+    for call in calls {
+        let (key, begun) = call.await.expect("task");
+        match begun.expect("begin") {
+            Begin::Acquired { token, .. } => leases.push((key, token)),
+            other => panic!("a fresh key must be acquired: {other:?}"),
+        }
+    }
+    let mut tokens: Vec<_> = leases.iter().map(|(_, token)| token.0).collect();
+    tokens.sort_unstable();
+    tokens.dedup();
+    assert_eq!(tokens.len(), 40, "every lease has a token of its own");
+    let mut others: Vec<_> = Vec::new();
+    for call in same {
+        others.push(call.await.expect("task").expect("begin"));
+    }
+    assert!(
+        matches!(others[..], [Begin::InFlight, Begin::Mismatch]),
+        "{others:?}"
+    );
+
+    let completes: Vec<_> = leases
+        .iter()
+        .map(|(key, token)| {
+            let (store, key, token) = (store.clone(), *key, *token);
+            tokio::spawn(async move { store.complete(&key, token, &response("ok"), LONG).await })
+        })
+        .collect();
+    for complete in completes {
+        complete.await.expect("task").expect("complete");
+    }
+    for (key, _) in &leases {
+        assert!(matches!(
+            store.begin(key, &fingerprint(1), LONG).await,
+            Ok(Begin::Completed(stored)) if stored.body == "ok".as_bytes()
+        ));
+    }
+    let seen = sizes.seen();
+    let writes: f64 = seen.iter().sum();
+    assert_eq!(writes, 82.0, "every write counted once: {seen:?}");
+    assert!(
+        seen.iter().any(|size| *size >= 10.0),
+        "the queued writes shared transactions: {seen:?}"
+    );
+}
+
+/// A statement that fails in the middle of a batch (a trigger refusing one key) rolls the whole
+/// transaction back: every call of the batch fails and none of its rows is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_batch_fails_every_call_and_writes_nothing() {
+    let dir = TempDir::new().expect("temporary directory");
+    let store = SqliteStore::connect(&url(&dir)).await.expect("open");
+    let poison = key("poison");
+    let hex: String = poison
+        .as_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut conn = SqliteConnection::connect(&url(&dir)).await.expect("open");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE TRIGGER refuse BEFORE INSERT ON idempotency_records \
+         WHEN NEW.key = x'{hex}' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+    )))
+    .execute(&mut conn)
+    .await
+    .expect("create the trigger");
+
+    let lock = hold_write_lock(&dir).await;
+    let spawn_begin = |key: RecordKey| {
+        let store = store.clone();
+        tokio::spawn(async move { store.begin(&key, &fingerprint(1), LONG).await })
+    };
+    // The first call occupies the writer (waiting for the lock) ...
+    let opener = spawn_begin(key("opener"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ... while these gather into the next batch, the poison among them.
+    let mut members: Vec<_> = (0..8)
+        .map(|i| spawn_begin(key(&format!("m-{i}"))))
+        .collect();
+    members.push(spawn_begin(poison));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    unlock(lock).await;
+    assert!(matches!(
+        opener.await.expect("task"),
+        Ok(Begin::Acquired { .. })
+    ));
+    for member in members {
+        let failed = member.await.expect("task");
+        assert!(
+            matches!(&failed, Err(StoreError::Backend(error)) if error.to_string().contains("refused")),
+            "{failed:?}"
+        );
+    }
+    assert_eq!(row_count(&dir).await, 1, "only the opener's row exists");
+    assert!(matches!(
+        store.begin(&key("m-3"), &fingerprint(1), LONG).await,
+        Ok(Begin::Acquired { .. })
+    ));
+}

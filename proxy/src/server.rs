@@ -72,8 +72,9 @@ async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
     let routes = config.routes()?;
-    let store = store::open(&config.store).await?;
+    // The recorder first: the SQL stores take their batch-size histogram handle when they open.
     let metrics = telemetry::install_metrics().map_err(StartError::Metrics)?;
+    let store = store::open(&config.store).await?;
 
     let layer = IdempotencyLayer::new(store.clone())
         .routes(routes)

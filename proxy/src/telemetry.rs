@@ -16,6 +16,8 @@ pub const READINESS_FAILURES_TOTAL: &str = "idempotency_proxy_readiness_failures
 /// Counter of configuration reloads (SIGHUP), by `result`: `ok` or `failed`.
 pub const CONFIG_RELOADS_TOTAL: &str = "idempotency_config_reloads_total";
 
+/// Buckets of the group-commit batch sizes (calls per statement or transaction; at most 256).
+const BATCH_SIZE_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 /// Seconds buckets from half a millisecond to a minute.
 const LATENCY_BUCKETS: [f64; 16] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -38,6 +40,11 @@ pub fn init_logging() {
 pub fn install_metrics() -> Result<PrometheusHandle, String> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), &LATENCY_BUCKETS)
+        .map_err(|error| error.to_string())?
+        .set_buckets_for_metric(
+            Matcher::Full("idempotency_store_batch_size".to_owned()),
+            &BATCH_SIZE_BUCKETS,
+        )
         .map_err(|error| error.to_string())?
         .install_recorder()
         .map_err(|error| error.to_string())?;

@@ -43,6 +43,13 @@ mod sql;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub use sql::REAPED_RECORDS_TOTAL;
 
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+mod batch;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub use batch::STORE_BATCH_SIZE;
+
+#[cfg(feature = "postgres")]
+mod pg_batch;
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(feature = "postgres")]
@@ -52,6 +59,8 @@ mod postgres_tx;
 
 #[cfg(feature = "sqlite")]
 mod sqlite;
+#[cfg(feature = "sqlite")]
+mod sqlite_batch;
 #[cfg(feature = "sqlite")]
 pub use sqlite::{SqliteStore, SqliteStoreBuilder};
 

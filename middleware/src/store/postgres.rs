@@ -14,6 +14,8 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow}
 use sqlx::{AssertSqlSafe, Connection, PgConnection, Row, SqlSafeStr, SqlStr};
 use tokio::sync::oneshot;
 
+use super::batch::Batcher;
+use super::pg_batch::{self, BeginCall, CompleteCall};
 use super::sql::{self, Reap};
 use super::{Begin, CompletionNotifier, IdempotencyStore, LeaseToken, StoreError, Subscription};
 use crate::fingerprint::Fingerprint;
@@ -29,7 +31,7 @@ const DEFAULT_TABLE: &str = "idempotency_records";
 /// How many times `begin` runs its statement when it keeps losing the race described in the
 /// `PostgresStore` docs. Each lost race means another request committed the key in between,
 /// after which the next attempt sees that row; needing more than two is already unusual.
-const MAX_BEGIN_ATTEMPTS: usize = 8;
+pub(super) const MAX_BEGIN_ATTEMPTS: usize = 8;
 
 /// First and longest wait before re-establishing a lost listener connection.
 const LISTENER_MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -154,6 +156,17 @@ const LISTENER_TIMEOUT: Duration = Duration::from_secs(10);
 /// `complete` sets the response and the record's TTL; `release` deletes the row; `renew` moves
 /// `expires_at`.
 ///
+/// # Group commit
+///
+/// Concurrent `begin`s (and `complete`s) are merged: while a statement is in flight, the calls
+/// that arrive queue, and the next free worker (two per operation) runs all of them as one
+/// statement over `unnest` of arrays, the same logic row by row, fencing checked per row (see
+/// `pg_batch.rs`). There is no timer: a lone call runs the single-request statement above at
+/// once. Two calls on one key never share a statement (the second runs in the next one, as if
+/// sequential). A statement commits before any of its calls is answered, or fails and fails
+/// them all; a batch not done within 5 s fails with [`StoreError::Timeout`]. The sizes are in
+/// the `idempotency_store_batch_size` histogram.
+///
 /// # Notifications
 ///
 /// A request that waits for an in-flight key (`on_conflict = "wait"`) calls `watch`, which sets
@@ -212,6 +225,9 @@ struct Inner {
     statements: Statements,
     reaper_batch: u32,
     notifier: CompletionNotifier,
+    /// Group commit of `begin` and `complete` (see `pg_batch`).
+    begins: Batcher<pg_batch::Begins>,
+    completes: Batcher<pg_batch::Completes>,
     // Dropped with the last clone of the store, which stops the listener task.
     _stop_listener: oneshot::Sender<()>,
 }
@@ -454,9 +470,37 @@ impl PostgresStoreBuilder {
             stopped,
         ));
 
+        let statements = Statements::new(&self.schema, &self.table);
+        let (begin_batch, complete_batch) =
+            pg_batch::statements(&format!("\"{}\".\"{}\"", self.schema, self.table));
+        let begins = Batcher::spawn(
+            pg_batch::Begins {
+                pool: pool.clone(),
+                single: statements.begin.clone(),
+                batch: begin_batch,
+            },
+            "postgres",
+            "begin",
+            pg_batch::BATCHES_IN_FLIGHT,
+            pg_batch::BATCH_DEADLINE,
+        );
+        let completes = Batcher::spawn(
+            pg_batch::Completes {
+                pool: pool.clone(),
+                single: statements.complete.clone(),
+                batch: complete_batch,
+                channel: channel.clone(),
+            },
+            "postgres",
+            "complete",
+            pg_batch::BATCHES_IN_FLIGHT,
+            pg_batch::BATCH_DEADLINE,
+        );
         let inner = Arc::new(Inner {
             pool,
-            statements: Statements::new(&self.schema, &self.table),
+            statements,
+            begins,
+            completes,
             schema: self.schema,
             table: self.table,
             channel,
@@ -621,7 +665,7 @@ fn stored_token(token: LeaseToken) -> Option<i64> {
 
 /// Reads the row the `begin` statement returns; `None` when it lost the race described in the
 /// `PostgresStore` docs and must run again.
-fn read_begin(row: &PgRow) -> Result<Option<Begin>, StoreError> {
+pub(super) fn read_begin(row: &PgRow) -> Result<Option<Begin>, StoreError> {
     let acquired: Option<i64> = row.try_get(0).map_err(StoreError::backend)?;
     if let Some(token) = acquired {
         let (attempt, recovery_point) = sql::run_from_row(row, 4)?;
@@ -657,23 +701,16 @@ impl IdempotencyStore for PostgresStore {
         fingerprint: &Fingerprint,
         lock_ttl: Duration,
     ) -> Result<Begin, StoreError> {
-        for _ in 0..MAX_BEGIN_ATTEMPTS {
-            let row = sqlx::query(self.inner.statements.begin.clone())
-                .bind(&key.as_bytes()[..])
-                .bind(&fingerprint.as_bytes()[..])
-                .bind(sql::micros(lock_ttl))
-                .fetch_one(&self.inner.pool)
-                .await
-                .map_err(StoreError::backend)?;
-            if let Some(begun) = read_begin(&row)? {
-                return Ok(begun);
-            }
-            // A concurrent request committed this key after our snapshot: look again.
-            tracing::trace!("begin raced with a concurrent request; retrying");
-        }
-        Err(StoreError::backend(format!(
-            "begin lost the race for a key {MAX_BEGIN_ATTEMPTS} times in a row"
-        )))
+        // Merged with concurrent begins into one statement (see `pg_batch`), which also runs
+        // again a call that lost the race for its key.
+        self.inner
+            .begins
+            .call(BeginCall {
+                key: *key.as_bytes(),
+                fingerprint: *fingerprint.as_bytes(),
+                ttl_micros: sql::micros(lock_ttl),
+            })
+            .await
     }
 
     async fn complete(
@@ -684,17 +721,17 @@ impl IdempotencyStore for PostgresStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let token = stored_token(token).ok_or(StoreError::LeaseLost)?;
-        let encoded = response.encode();
-        let completed = sqlx::query(self.inner.statements.complete.clone())
-            .bind(&key.as_bytes()[..])
-            .bind(token)
-            .bind(&encoded[..])
-            .bind(sql::micros(ttl))
-            .bind(&self.inner.channel)
-            .fetch_optional(&self.inner.pool)
-            .await
-            .map_err(StoreError::backend)?;
-        if completed.is_none() {
+        let completed = self
+            .inner
+            .completes
+            .call(CompleteCall {
+                key: *key.as_bytes(),
+                token,
+                response: response.encode().to_vec(),
+                ttl_micros: sql::micros(ttl),
+            })
+            .await?;
+        if !completed {
             return Err(StoreError::LeaseLost);
         }
         // Other processes learn it from the NOTIFY; waiters here need not wait for it.

@@ -15,7 +15,9 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteExecutor, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
 };
 
+use super::batch::Batcher;
 use super::sql::{self, Reap};
+use super::sqlite_batch::{WriteCall, Writer, Written};
 use super::{Begin, CompletionNotifier, IdempotencyStore, LeaseToken, StoreError, Subscription};
 use crate::fingerprint::Fingerprint;
 use crate::lease::Checkpoint;
@@ -43,7 +45,7 @@ const LOOKUP: &str = concat!(
     "FROM idempotency_records WHERE key = ?1 AND expires_at > ",
     now_ms!()
 );
-const NEXT_TOKEN: &str =
+pub(super) const NEXT_TOKEN: &str =
     "UPDATE idempotency_tokens SET last = last + 1 WHERE id = 1 RETURNING last";
 /// Whether the row being taken over is a lapsed lease of the same request: its next attempt.
 macro_rules! same_run {
@@ -54,7 +56,7 @@ macro_rules! same_run {
 }
 /// Inserts the lease, or takes over the key's row; only run under the write lock, after `LOOKUP`
 /// found no live row. Returns the attempt and the recovery point the new lease inherits.
-const ACQUIRE: &str = concat!(
+pub(super) const ACQUIRE: &str = concat!(
     "INSERT INTO idempotency_records (key, fingerprint, token, response, expires_at) ",
     "VALUES (?1, ?2, ?3, NULL, ",
     now_ms!(),
@@ -74,7 +76,7 @@ const ACQUIRE: &str = concat!(
 );
 const CHECKPOINT: &str = "UPDATE idempotency_records SET checkpoint_name = ?3, checkpoint_data = ?4 \
      WHERE key = ?1 AND token = ?2 AND response IS NULL";
-const COMPLETE: &str = concat!(
+pub(super) const COMPLETE: &str = concat!(
     "UPDATE idempotency_records SET response = ?3, expires_at = ",
     now_ms!(),
     " + ?4 WHERE key = ?1 AND token = ?2 AND response IS NULL"
@@ -145,10 +147,18 @@ const REAP: &str = concat!(
 ///
 /// The database is opened in WAL mode, so reads never wait for the writer. `begin` first looks
 /// the key up with a plain read: a replay, an in-flight key and a mismatch are answered without
-/// taking the write lock. Only when no live row exists does it open a `BEGIN IMMEDIATE`
-/// transaction (which takes SQLite's single write lock up front, waiting up to the busy timeout),
-/// look again under that lock, and insert or take over the row with a new token. Because SQLite
-/// admits one writer at a time, two concurrent `begin`s cannot both acquire.
+/// taking the write lock. Only when no live row exists does it hand the call to the store's
+/// single writer task, which opens a `BEGIN IMMEDIATE` transaction (taking SQLite's write lock
+/// up front, waiting up to the busy timeout), looks again under that lock, and inserts or takes
+/// over the row with a new token. Because SQLite admits one writer at a time, two concurrent
+/// `begin`s cannot both acquire.
+///
+/// **Group commit.** The writer runs every `begin` and `complete` queued while it was busy in
+/// one transaction, one after the other in queue order (so two calls on one key behave as if
+/// sequential), and answers them only after `COMMIT`: one write lock and one fsync per batch.
+/// A statement that fails rolls the whole batch back and fails every call of it. No timer: a
+/// lone call finds the writer idle and runs at once. The sizes are in the
+/// `idempotency_store_batch_size` histogram.
 ///
 /// `complete`, `renew` and `release` are single statements conditional on the lease
 /// (`WHERE key = ? AND token = ? AND response IS NULL`); when they change no row the call returns
@@ -174,6 +184,9 @@ struct Inner {
     path: PathBuf,
     reaper_batch: u32,
     notifier: CompletionNotifier,
+    /// The single writer of `begin` and `complete`, one transaction per batch (see
+    /// `sqlite_batch`).
+    writer: Batcher<Writer>,
 }
 
 /// Configures and opens a [`SqliteStore`]; from [`SqliteStore::builder`] or
@@ -259,7 +272,16 @@ impl SqliteStoreBuilder {
         if self.auto_migrate {
             migrate(&pool).await?;
         }
+        // One writer: SQLite has one write lock. A batch waits at most the busy timeout for it.
+        let writer = Batcher::spawn(
+            Writer { pool: pool.clone() },
+            "sqlite",
+            "write",
+            1,
+            self.busy_timeout * 2,
+        );
         let inner = Arc::new(Inner {
+            writer,
             pool,
             path,
             reaper_batch: self.reaper_batch,
@@ -344,7 +366,7 @@ impl SqliteStore {
     }
 
     /// Looks up the live row of `key` for the request `fingerprint`.
-    async fn lookup<'e>(
+    pub(super) async fn lookup<'e>(
         executor: impl SqliteExecutor<'e>,
         key: &RecordKey,
         fingerprint: &Fingerprint,
@@ -407,47 +429,20 @@ impl IdempotencyStore for SqliteStore {
         if let Some(found) = Self::lookup(&self.inner.pool, key, fingerprint).await? {
             return Ok(found);
         }
-        let mut tx = self
+        // Under the write lock, in a transaction shared with the writes queued meanwhile.
+        let written = self
             .inner
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(StoreError::backend)?;
-        // Another request may have acquired the key between the read and the write lock.
-        match Self::lookup(&mut *tx, key, fingerprint).await {
-            Ok(None) => {}
-            Ok(Some(found)) => {
-                // Nothing to write: hand the write lock back now, not when the pool gets to it.
-                tx.rollback().await.map_err(StoreError::backend)?;
-                return Ok(found);
-            }
-            Err(error) => {
-                if let Err(rollback) = tx.rollback().await {
-                    tracing::debug!(error = %rollback, "rolling back a failed begin failed");
-                }
-                return Err(error);
-            }
+            .writer
+            .call(WriteCall::Begin {
+                key: *key.as_bytes(),
+                fingerprint: *fingerprint.as_bytes(),
+                ttl_millis: sql::millis(lock_ttl),
+            })
+            .await?;
+        match written {
+            Written::Begin(begun) => Ok(begun),
+            Written::Complete(_) => Err(StoreError::backend("the writer answered a begin wrongly")),
         }
-        let token: i64 = sqlx::query_scalar(NEXT_TOKEN)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(StoreError::backend)?;
-        let row = sqlx::query(ACQUIRE)
-            .bind(&key.as_bytes()[..])
-            .bind(&fingerprint.as_bytes()[..])
-            .bind(token)
-            .bind(sql::millis(lock_ttl))
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(StoreError::backend)?;
-        let (attempt, recovery_point) = sql::run_from_row(&row, 0)?;
-        // A failure before this point drops `tx`, which rolls it back: nothing half-written.
-        tx.commit().await.map_err(StoreError::backend)?;
-        Ok(Begin::Acquired {
-            token: LeaseToken(sql::token_from_column(token)?),
-            attempt,
-            recovery_point,
-        })
     }
 
     async fn complete(
@@ -458,16 +453,17 @@ impl IdempotencyStore for SqliteStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let token = i64::try_from(token.0).map_err(|_| StoreError::LeaseLost)?;
-        let encoded = response.encode();
-        let completed = sqlx::query(COMPLETE)
-            .bind(&key.as_bytes()[..])
-            .bind(token)
-            .bind(&encoded[..])
-            .bind(sql::millis(ttl))
-            .execute(&self.inner.pool)
-            .await
-            .map_err(StoreError::backend)?;
-        if completed.rows_affected() == 0 {
+        let written = self
+            .inner
+            .writer
+            .call(WriteCall::Complete {
+                key: *key.as_bytes(),
+                token,
+                response: response.encode().to_vec(),
+                ttl_millis: sql::millis(ttl),
+            })
+            .await?;
+        if !matches!(written, Written::Complete(true)) {
             return Err(StoreError::LeaseLost);
         }
         self.inner.notifier.notify(key);

@@ -1,0 +1,281 @@
+//! Group commit for the SQL stores: concurrent calls merged into one statement or one
+//! transaction per round trip.
+//!
+//! A [`Batcher`] queues calls for a few worker tasks. A worker takes everything queued when it
+//! becomes free (up to [`MAX_BATCH`]) and runs it as one batch; while that batch is in flight
+//! the next one gathers in the queue. There is no timer: a lone call finds a worker waiting and
+//! runs at once, so batching never delays a request, it only merges the ones that would
+//! otherwise queue for a connection.
+//!
+//! A batch is committed, or it fails as a whole: when [`Execute::execute`] returns an error,
+//! every call of the batch gets that error, and none of them has been acknowledged.
+//!
+//! Two calls on one record key never share a batch ([`Execute::record_key`]): they run in
+//! successive batches, in the order they were queued, exactly as if sequential. The statements
+//! then never see a key twice (PostgreSQL refuses to `ON CONFLICT DO UPDATE` a row twice in one
+//! statement, and an `UPDATE ... FROM` would apply only one of them).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+use super::StoreError;
+
+/// Histogram of the number of calls per batch, labelled `backend` (`postgres`, `sqlite`) and
+/// `operation` (`begin`, `complete`; SQLite's single writer: `write`). Recorded once per batch,
+/// through the [`metrics`] facade.
+pub const STORE_BATCH_SIZE: &str = "idempotency_store_batch_size";
+
+/// The most calls one batch holds: keeps one statement's arrays, and the time one transaction
+/// holds locks, bounded.
+pub(crate) const MAX_BATCH: usize = 256;
+
+/// What runs a batch.
+pub(crate) trait Execute: Send + Sync + 'static {
+    /// One call.
+    type Request: Send + 'static;
+    /// Its answer.
+    type Response: Send + 'static;
+
+    /// The record a call touches, when calls on one record must not share a batch.
+    fn record_key(request: &Self::Request) -> Option<[u8; 32]>;
+
+    /// Runs `batch` in one round trip (statement or transaction): one answer per call, in order,
+    /// or an error that fails every call of the batch (nothing of it committed).
+    fn execute(
+        &self,
+        batch: Vec<Self::Request>,
+    ) -> impl Future<Output = Result<Vec<Result<Self::Response, StoreError>>, StoreError>> + Send;
+}
+
+struct Job<E: Execute> {
+    request: E::Request,
+    reply: oneshot::Sender<Result<E::Response, StoreError>>,
+}
+
+/// The queue in front of an [`Execute`]; dropping it stops the workers once they are idle.
+pub(crate) struct Batcher<E: Execute> {
+    queue: mpsc::UnboundedSender<Job<E>>,
+}
+
+impl<E: Execute> Batcher<E> {
+    /// Starts `in_flight` workers (at least one): at most that many batches run at once. A batch
+    /// not done within `deadline` is abandoned (its future dropped, which rolls back what has
+    /// not committed) and its calls fail with [`StoreError::Timeout`]: a connection that hangs
+    /// (a black-holed network) holds up one worker for that long, never for good.
+    pub(crate) fn spawn(
+        executor: E,
+        backend: &'static str,
+        operation: &'static str,
+        in_flight: usize,
+        deadline: Duration,
+    ) -> Self {
+        let (queue, jobs) = mpsc::unbounded_channel();
+        let jobs = Arc::new(Mutex::new(jobs));
+        let executor = Arc::new(executor);
+        let size =
+            metrics::histogram!(STORE_BATCH_SIZE, "backend" => backend, "operation" => operation);
+        for _ in 0..in_flight.max(1) {
+            let (jobs, executor, size) = (Arc::clone(&jobs), Arc::clone(&executor), size.clone());
+            tokio::spawn(async move {
+                while let Some(batch) = gather(&jobs).await {
+                    run(&*executor, batch, &size, deadline).await;
+                }
+            });
+        }
+        Self { queue }
+    }
+
+    /// Queues `request` and waits for its batch to be committed (or to fail).
+    ///
+    /// Dropping the future does not withdraw the call: like a statement already sent, it runs,
+    /// and a lease it acquires for nobody expires after its `lock_ttl`.
+    pub(crate) async fn call(&self, request: E::Request) -> Result<E::Response, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .send(Job { request, reply })
+            .map_err(|_| StoreError::backend("the store's batch worker has stopped"))?;
+        answer
+            .await
+            .map_err(|_| StoreError::backend("the store's batch worker stopped mid-batch"))?
+    }
+}
+
+/// Waits for a first call, then takes every call already queued, up to [`MAX_BATCH`]. `None`
+/// once the [`Batcher`] is gone and the queue is empty.
+async fn gather<E: Execute>(jobs: &Mutex<mpsc::UnboundedReceiver<Job<E>>>) -> Option<Vec<Job<E>>> {
+    let mut jobs = jobs.lock().await;
+    let first = jobs.recv().await?;
+    let mut batch = vec![first];
+    while batch.len() < MAX_BATCH {
+        match jobs.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
+/// Runs `jobs` as one batch per round of distinct keys, and answers every call.
+async fn run<E: Execute>(
+    executor: &E,
+    mut jobs: Vec<Job<E>>,
+    size: &metrics::Histogram,
+    deadline: Duration,
+) {
+    while !jobs.is_empty() {
+        let (round, later) = split_duplicates::<E>(jobs);
+        jobs = later;
+        #[allow(clippy::cast_precision_loss)] // at most MAX_BATCH
+        size.record(round.len() as f64);
+        let (requests, replies): (Vec<_>, Vec<_>) = round
+            .into_iter()
+            .map(|job| (job.request, job.reply))
+            .unzip();
+        let count = replies.len();
+        let answered = tokio::time::timeout(deadline, executor.execute(requests))
+            .await
+            .unwrap_or(Err(StoreError::Timeout(deadline)));
+        match answered {
+            Ok(answers) if answers.len() == count => {
+                for (reply, answer) in replies.into_iter().zip(answers) {
+                    // A caller that went away no longer needs its answer.
+                    let _ = reply.send(answer);
+                }
+            }
+            Ok(answers) => {
+                let message = format!(
+                    "a batch of {count} calls came back with {} answers",
+                    answers.len()
+                );
+                for reply in replies {
+                    let _ = reply.send(Err(StoreError::backend(message.clone())));
+                }
+            }
+            Err(StoreError::Timeout(after)) => {
+                tracing::debug!(count, ?after, "a store batch timed out");
+                for reply in replies {
+                    let _ = reply.send(Err(StoreError::Timeout(after)));
+                }
+            }
+            Err(error) => {
+                tracing::debug!(%error, count, "a store batch failed");
+                let message = error.to_string();
+                for reply in replies {
+                    let _ = reply.send(Err(StoreError::backend(message.clone())));
+                }
+            }
+        }
+    }
+}
+
+/// Splits `jobs` into the first call on each key (in queue order) and the rest, which wait for
+/// the next round.
+fn split_duplicates<E: Execute>(jobs: Vec<Job<E>>) -> (Vec<Job<E>>, Vec<Job<E>>) {
+    let mut seen = std::collections::HashSet::with_capacity(jobs.len());
+    let (mut round, mut later) = (Vec::with_capacity(jobs.len()), Vec::new());
+    for job in jobs {
+        match E::record_key(&job.request) {
+            Some(key) if !seen.insert(key) => later.push(job),
+            _ => round.push(job),
+        }
+    }
+    (round, later)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex as StdMutex;
+
+    /// Records the batches it is given; fails any batch holding the request `u8::MAX`.
+    #[derive(Default)]
+    struct Recorder(Arc<StdMutex<Vec<Vec<u8>>>>);
+
+    impl Execute for Recorder {
+        type Request = u8;
+        type Response = u8;
+
+        fn record_key(request: &u8) -> Option<[u8; 32]> {
+            Some([*request % 4; 32])
+        }
+
+        async fn execute(&self, batch: Vec<u8>) -> Result<Vec<Result<u8, StoreError>>, StoreError> {
+            self.0.lock().unwrap().push(batch.clone());
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            if batch.contains(&u8::MAX) {
+                return Err(StoreError::backend("boom"));
+            }
+            Ok(batch.into_iter().map(Ok).collect())
+        }
+    }
+
+    #[tokio::test]
+    async fn calls_queued_during_a_batch_form_the_next_one() {
+        let recorder = Recorder::default();
+        let seen = Arc::clone(&recorder.0);
+        let batcher = Arc::new(Batcher::spawn(
+            recorder,
+            "test",
+            "op",
+            1,
+            Duration::from_secs(5),
+        ));
+        let lone = batcher.call(0).await.unwrap();
+        assert_eq!(lone, 0);
+        let calls: Vec<_> = (0..8u8)
+            .map(|n| {
+                let batcher = Arc::clone(&batcher);
+                tokio::spawn(async move { batcher.call(n).await })
+            })
+            .collect();
+        for (n, call) in calls.into_iter().enumerate() {
+            assert_eq!(call.await.unwrap().unwrap(), u8::try_from(n).unwrap());
+        }
+        let batches = seen.lock().unwrap().clone();
+        assert_eq!(batches[0], vec![0], "a lone call runs alone, at once");
+        // 8 calls on 4 keys: never two calls on one key in a batch, and in queue order.
+        for batch in &batches {
+            let mut keys: Vec<_> = batch.iter().map(|n| n % 4).collect();
+            keys.sort_unstable();
+            keys.dedup();
+            assert_eq!(keys.len(), batch.len(), "{batches:?}");
+        }
+        let flat: Vec<_> = batches[1..].iter().flatten().copied().collect();
+        let first_of_key_0 = flat.iter().position(|n| *n == 0).unwrap();
+        let second_of_key_0 = flat.iter().position(|n| *n == 4).unwrap();
+        assert!(first_of_key_0 < second_of_key_0, "{batches:?}");
+        assert!(batches.len() < 1 + 8, "calls were merged: {batches:?}");
+    }
+
+    #[tokio::test]
+    async fn a_failing_batch_fails_every_call_in_it() {
+        let batcher = Arc::new(Batcher::spawn(
+            Recorder::default(),
+            "test",
+            "op",
+            1,
+            Duration::from_secs(5),
+        ));
+        // Occupy the worker so that the next calls gather into one batch.
+        let first = tokio::spawn({
+            let batcher = Arc::clone(&batcher);
+            async move { batcher.call(1).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let calls: Vec<_> = [2u8, u8::MAX, 5]
+            .into_iter()
+            .map(|n| {
+                let batcher = Arc::clone(&batcher);
+                tokio::spawn(async move { batcher.call(n).await })
+            })
+            .collect();
+        assert_eq!(first.await.unwrap().unwrap(), 1);
+        for call in calls {
+            let error = call.await.unwrap().unwrap_err();
+            assert!(error.to_string().contains("boom"), "{error}");
+        }
+    }
+}
