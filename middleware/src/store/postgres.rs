@@ -15,7 +15,10 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection, Row, SqlSafeStr, SqlStr};
 use tokio::sync::oneshot;
 
 use super::sql::{self, Reap};
-use super::{Begin, CompletionNotifier, IdempotencyStore, LeaseToken, StoreError, Subscription};
+use super::{
+    Begin, CompletionNotifier, ForgetFeed, ForgetSender, Forgotten, IdempotencyStore,
+    LeaseToken, RecordInfo, StoreError, Subscription,
+};
 use crate::fingerprint::Fingerprint;
 use crate::lease::Checkpoint;
 use crate::record::StoredResponse;
@@ -210,6 +213,8 @@ struct Inner {
     statements: Statements,
     reaper_batch: u32,
     notifier: CompletionNotifier,
+    forgets: ForgetSender,
+    records: records::RecordStatements,
     // Dropped with the last clone of the store, which stops the listener task.
     _stop_listener: oneshot::Sender<()>,
 }
@@ -439,6 +444,7 @@ impl PostgresStoreBuilder {
 
         let channel = channel_name(&self.schema, &self.table);
         let notifier = CompletionNotifier::new();
+        let forgets = ForgetSender::default();
         // Listening before `connect` returns: a subscription made right after is already served.
         let listener = open_listener(&options, &channel)
             .await
@@ -449,17 +455,20 @@ impl PostgresStoreBuilder {
             options,
             channel.clone(),
             notifier.clone(),
+            forgets.clone(),
             stopped,
         ));
 
         let inner = Arc::new(Inner {
             pool,
             statements: Statements::new(&self.schema, &self.table),
+            records: records::RecordStatements::new(&self.schema, &self.table),
             schema: self.schema,
             table: self.table,
             channel,
             reaper_batch: self.reaper_batch,
             notifier,
+            forgets,
             _stop_listener: stop_listener,
         });
         sql::spawn_reaper(Arc::downgrade(&inner), self.reaper_interval, "postgres");
@@ -751,6 +760,18 @@ impl IdempotencyStore for PostgresStore {
         Ok(())
     }
 
+    async fn inspect(&self, key: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {
+        self.inspect_record(key).await
+    }
+
+    async fn forget(&self, key: &RecordKey, force: bool) -> Result<Forgotten, StoreError> {
+        self.forget_record(key, force).await
+    }
+
+    fn forget_feed(&self) -> Option<ForgetFeed> {
+        Some(self.inner.forgets.feed())
+    }
+
     fn subscribe(&self, key: &RecordKey) -> Subscription {
         self.inner.notifier.subscribe(key)
     }
@@ -865,6 +886,7 @@ async fn listen(
     options: PgConnectOptions,
     channel: String,
     notifier: CompletionNotifier,
+    forgets: ForgetSender,
     mut stop: oneshot::Receiver<()>,
 ) {
     let mut listener = Some(listener);
@@ -885,6 +907,7 @@ async fn listen(
                     listener = Some(reopened);
                     backoff = LISTENER_MIN_BACKOFF;
                     notifier.notify_all();
+                    forgets.unknown();
                 }
                 Err(error) => {
                     tracing::warn!(
@@ -905,7 +928,7 @@ async fn listen(
         };
         let healthy = match received {
             Some(Ok(Some(notification))) => {
-                deliver(&notifier, notification.payload());
+                deliver(&notifier, &forgets, notification.payload());
                 true
             }
             Some(Ok(None)) => {
@@ -945,13 +968,26 @@ async fn listen(
 
 /// Wakes the subscribers of the key a notification names. A payload that is not a hex record
 /// key (someone else's NOTIFY on our channel) is ignored.
-fn deliver(notifier: &CompletionNotifier, payload: &str) {
+fn deliver(notifier: &CompletionNotifier, forgets: &ForgetSender, payload: &str) {
+    let (forgot, hex_key) = match payload.strip_prefix(records::FORGET_PREFIX) {
+        Some(hex_key) => (true, hex_key),
+        None => (false, payload),
+    };
     let mut key = [0u8; 32];
-    match hex::decode_to_slice(payload, &mut key) {
-        Ok(()) => notifier.notify(&RecordKey::from_bytes(key)),
+    match hex::decode_to_slice(hex_key, &mut key) {
+        Ok(()) => {
+            let key = RecordKey::from_bytes(key);
+            notifier.notify(&key);
+            if forgot {
+                forgets.forgot(&key);
+            }
+        }
         Err(_) => tracing::debug!(payload, "ignoring a notification that names no record key"),
     }
 }
+
+#[path = "postgres_records.rs"]
+mod records;
 
 #[cfg(test)]
 mod tests {
@@ -993,9 +1029,22 @@ mod tests {
 
     #[test]
     fn notifications_with_foreign_payloads_are_ignored() {
-        let notifier = CompletionNotifier::new();
-        deliver(&notifier, "not hex");
-        deliver(&notifier, "abcd");
-        deliver(&notifier, &"0".repeat(64));
+        let (notifier, forgets) = (CompletionNotifier::new(), ForgetSender::default());
+        let mut feed = forgets.feed();
+        deliver(&notifier, &forgets, "not hex");
+        deliver(&notifier, &forgets, "abcd");
+        deliver(&notifier, &forgets, "forget:abcd");
+        deliver(&notifier, &forgets, &"0".repeat(64));
+        assert!(feed.try_recv().is_err(), "a completion is not a forget");
+    }
+
+    #[test]
+    fn forget_notifications_reach_the_feed() {
+        use crate::store::ForgetEvent;
+        let (notifier, forgets) = (CompletionNotifier::new(), ForgetSender::default());
+        let mut feed = forgets.feed();
+        let key = RecordKey::from_bytes([7; 32]);
+        deliver(&notifier, &forgets, &format!("forget:{}", key.to_hex()));
+        assert_eq!(feed.try_recv().ok(), Some(ForgetEvent::Key(key)));
     }
 }

@@ -16,7 +16,10 @@ use sqlx::sqlite::{
 };
 
 use super::sql::{self, Reap};
-use super::{Begin, CompletionNotifier, IdempotencyStore, LeaseToken, StoreError, Subscription};
+use super::{
+    Begin, CompletionNotifier, ForgetFeed, ForgetSender, Forgotten, IdempotencyStore, LeaseToken,
+    RecordInfo, StoreError, Subscription,
+};
 use crate::fingerprint::Fingerprint;
 use crate::lease::Checkpoint;
 use crate::record::StoredResponse;
@@ -174,6 +177,7 @@ struct Inner {
     path: PathBuf,
     reaper_batch: u32,
     notifier: CompletionNotifier,
+    forgets: ForgetSender,
 }
 
 /// Configures and opens a [`SqliteStore`]; from [`SqliteStore::builder`] or
@@ -264,6 +268,7 @@ impl SqliteStoreBuilder {
             path,
             reaper_batch: self.reaper_batch,
             notifier: CompletionNotifier::new(),
+            forgets: ForgetSender::default(),
         });
         sql::spawn_reaper(Arc::downgrade(&inner), self.reaper_interval, "sqlite");
         Ok(SqliteStore { inner })
@@ -530,6 +535,18 @@ impl IdempotencyStore for SqliteStore {
         Ok(())
     }
 
+    async fn inspect(&self, key: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {
+        self.inspect_record(key).await
+    }
+
+    async fn forget(&self, key: &RecordKey, force: bool) -> Result<Forgotten, StoreError> {
+        self.forget_record(key, force).await
+    }
+
+    fn forget_feed(&self) -> Option<ForgetFeed> {
+        Some(self.inner.forgets.feed())
+    }
+
     fn subscribe(&self, key: &RecordKey) -> Subscription {
         self.inner.notifier.subscribe(key)
     }
@@ -542,3 +559,6 @@ impl IdempotencyStore for SqliteStore {
         Ok(())
     }
 }
+
+#[path = "sqlite_records.rs"]
+mod records;
