@@ -18,6 +18,7 @@ mod lease;
 mod lifecycle;
 mod paths;
 mod proxy;
+mod records;
 mod redis;
 mod stores;
 mod upgrade;

@@ -997,7 +997,11 @@ pub async fn settled_records_drop_their_checkpoints(store: impl IdempotencyStore
 /// (response, size, expiry), and nothing for a free key; it changes nothing.
 pub async fn inspect_shows_in_flight_and_completed_records(store: impl IdempotencyStore) {
     let key = key("inspect");
-    assert_eq!(store.inspect(&key).await.expect("inspect"), None, "free key");
+    assert_eq!(
+        store.inspect(&key).await.expect("inspect"),
+        None,
+        "free key"
+    );
     let before = std::time::SystemTime::now();
     let token = acquire(&store, &key, 1, LONG).await;
     store
@@ -1019,10 +1023,17 @@ pub async fn inspect_shows_in_flight_and_completed_records(store: impl Idempoten
         lease_left > LONG - Duration::from_secs(60) && lease_left < LONG + Duration::from_secs(60),
         "the lease ends about `lock_ttl` from now: {lease_left:?}"
     );
-    assert_eq!(begin(&store, &key, 1).await, Begin::InFlight, "inspect changed nothing");
+    assert_eq!(
+        begin(&store, &key, 1).await,
+        Begin::InFlight,
+        "inspect changed nothing"
+    );
 
     let stored = response(b"{\"id\":7}");
-    store.complete(&key, token, &stored, LONG * 2).await.expect("complete");
+    store
+        .complete(&key, token, &stored, LONG * 2)
+        .await
+        .expect("complete");
     let info = store.inspect(&key).await.expect("inspect").expect("live");
     match &info.state {
         RecordState::Completed {
@@ -1057,14 +1068,26 @@ pub async fn forget_deletes_a_completed_record(store: impl IdempotencyStore) {
     let key = key("forget-completed");
     let other = self::key("forget-other");
     let mut feed = store.forget_feed();
-    assert_eq!(store.forget(&key, false).await.expect("forget"), Forgotten::NotFound);
+    assert_eq!(
+        store.forget(&key, false).await.expect("forget"),
+        Forgotten::NotFound
+    );
     for key in [&key, &other] {
         let token = acquire(&store, key, 1, LONG).await;
-        store.complete(key, token, &response(b"done"), LONG).await.expect("complete");
+        store
+            .complete(key, token, &response(b"done"), LONG)
+            .await
+            .expect("complete");
     }
-    assert_eq!(store.forget(&key, false).await.expect("forget"), Forgotten::Completed);
+    assert_eq!(
+        store.forget(&key, false).await.expect("forget"),
+        Forgotten::Completed
+    );
     assert_eq!(store.inspect(&key).await.expect("inspect"), None);
-    assert!(matches!(begin(&store, &key, 2).await, Begin::Acquired { .. }), "runs afresh");
+    assert!(
+        matches!(begin(&store, &key, 2).await, Begin::Acquired { .. }),
+        "runs afresh"
+    );
     assert!(
         matches!(begin(&store, &other, 1).await, Begin::Completed(_)),
         "other keys keep their records"
@@ -1082,7 +1105,10 @@ pub async fn forget_leaves_a_lease_unless_forced(store: impl IdempotencyStore) {
         store.forget(&key, false).await.expect("forget"),
         Forgotten::InFlight { token, attempt: 1 }
     );
-    store.complete(&key, token, &response(b"ok"), LONG).await.expect("the lease still holds");
+    store
+        .complete(&key, token, &response(b"ok"), LONG)
+        .await
+        .expect("the lease still holds");
 }
 
 /// `forget` with `force` ends a live lease: its holder is fenced off, waiters are woken, the
@@ -1104,9 +1130,15 @@ pub async fn forced_forget_ends_the_lease_and_fences_its_holder(store: impl Idem
         store.complete(&key, token, &response(b"late"), LONG).await,
         "complete by the ended lease",
     );
-    assert_lease_lost(store.renew(&key, token, LONG).await, "renew by the ended lease");
+    assert_lease_lost(
+        store.renew(&key, token, LONG).await,
+        "renew by the ended lease",
+    );
     let (next, attempt, _) = acquire_run(&store, &key, 1, LONG).await;
-    assert!(next > token && attempt == 1, "a fresh run: {next} {attempt}");
+    assert!(
+        next > token && attempt == 1,
+        "a fresh run: {next} {attempt}"
+    );
     if let Some(feed) = feed.as_mut() {
         expect_forget(feed, &key).await;
     }
@@ -1123,5 +1155,8 @@ async fn expect_forget(feed: &mut crate::store::ForgetFeed, key: &RecordKey) {
         }
     })
     .await;
-    assert!(heard.is_ok(), "the forget feed must announce the forgotten key");
+    assert!(
+        heard.is_ok(),
+        "the forget feed must announce the forgotten key"
+    );
 }

@@ -853,7 +853,9 @@ async fn records_inspects_and_forgets_the_record_a_request_made() {
     let records = layer.records();
     let app = App::start(layer).await;
     let alice = |request: reqwest::RequestBuilder| request.header(AUTHORIZATION, "Bearer alice");
-    let first = app.send(alice(app.post("/payments", "order-7")).body("5 EUR")).await;
+    let first = app
+        .send(alice(app.post("/payments", "order-7")).body("5 EUR"))
+        .await;
     assert_eq!(first.status, StatusCode::CREATED);
 
     let mut credentials = HeaderMap::new();
@@ -871,15 +873,24 @@ async fn records_inspects_and_forgets_the_record_a_request_made() {
         other => panic!("expected a completed record, got {other:?}"),
     }
     assert!(
-        records.inspect("/payments", &HeaderMap::new(), "order-7").await.unwrap().is_none(),
+        records
+            .inspect("/payments", &HeaderMap::new(), "order-7")
+            .await
+            .unwrap()
+            .is_none(),
         "another scope (no credentials) has no record under this key"
     );
 
     assert_eq!(
-        records.forget("/payments", &credentials, "order-7", false).await.unwrap(),
+        records
+            .forget("/payments", &credentials, "order-7", false)
+            .await
+            .unwrap(),
         Forgotten::Completed
     );
-    let retry = app.send(alice(app.post("/payments", "order-7")).body("5 EUR")).await;
+    let retry = app
+        .send(alice(app.post("/payments", "order-7")).body("5 EUR"))
+        .await;
     assert!(!retry.replayed(), "a forgotten key runs again");
     assert_eq!(app.counters.runs(), 2);
     assert!(matches!(

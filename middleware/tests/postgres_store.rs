@@ -840,22 +840,38 @@ async fn a_forget_in_one_process_reaches_anothers_feed() {
     use tower_idempotency::store::{ForgetEvent, Forgotten};
     let (a, schema) = fresh_store().await;
     let b = connect(builder(&schema)).await;
-    let mut feed = b.forget_feed().expect("the PostgreSQL store has a forget feed");
+    let mut feed = b
+        .forget_feed()
+        .expect("the PostgreSQL store has a forget feed");
 
     let completed = key("forget-across");
     let token = acquire(&a, &completed, LONG).await;
-    a.complete(&completed, tower_idempotency::LeaseToken(token), &response("x"), LONG)
-        .await
-        .expect("complete");
-    assert_eq!(a.forget(&completed, false).await.unwrap(), Forgotten::Completed);
+    a.complete(
+        &completed,
+        tower_idempotency::LeaseToken(token),
+        &response("x"),
+        LONG,
+    )
+    .await
+    .expect("complete");
+    assert_eq!(
+        a.forget(&completed, false).await.unwrap(),
+        Forgotten::Completed
+    );
     let heard = tokio::time::timeout(NOTIFY_WITHIN, feed.recv()).await;
-    assert_eq!(heard.expect("in time").ok(), Some(ForgetEvent::Key(completed)));
+    assert_eq!(
+        heard.expect("in time").ok(),
+        Some(ForgetEvent::Key(completed))
+    );
 
     let stuck = key("forget-stuck-across");
     acquire(&a, &stuck, LONG).await;
     let subscription = b.subscribe(&stuck);
     let woken = subscription.notified();
-    assert!(matches!(a.forget(&stuck, true).await.unwrap(), Forgotten::LeaseEnded { .. }));
+    assert!(matches!(
+        a.forget(&stuck, true).await.unwrap(),
+        Forgotten::LeaseEnded { .. }
+    ));
     tokio::time::timeout(NOTIFY_WITHIN, woken)
         .await
         .expect("a forced forget wakes waiters in other processes, watched or not");

@@ -715,16 +715,27 @@ async fn a_forget_in_one_instance_reaches_anothers_feed() {
 
     let completed = key("forget-across");
     let token = acquire(&a, &completed, 1, LONG).await;
-    a.complete(&completed, token, &response(b"x"), LONG).await.expect("complete");
-    assert_eq!(a.forget(&completed, false).await.unwrap(), Forgotten::Completed);
+    a.complete(&completed, token, &response(b"x"), LONG)
+        .await
+        .expect("complete");
+    assert_eq!(
+        a.forget(&completed, false).await.unwrap(),
+        Forgotten::Completed
+    );
     let heard = tokio::time::timeout(NOTIFY_WITHIN, feed.recv()).await;
-    assert_eq!(heard.expect("in time").ok(), Some(ForgetEvent::Key(completed)));
+    assert_eq!(
+        heard.expect("in time").ok(),
+        Some(ForgetEvent::Key(completed))
+    );
 
     let stuck = key("forget-stuck-across");
     acquire(&a, &stuck, 1, LONG).await;
     let subscription = b.subscribe(&stuck);
     let woken = subscription.notified();
-    assert!(matches!(a.forget(&stuck, true).await.unwrap(), Forgotten::LeaseEnded { .. }));
+    assert!(matches!(
+        a.forget(&stuck, true).await.unwrap(),
+        Forgotten::LeaseEnded { .. }
+    ));
     tokio::time::timeout(NOTIFY_WITHIN, woken)
         .await
         .expect("a forced forget wakes waiters in other instances, watched or not");

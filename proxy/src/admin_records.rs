@@ -56,7 +56,10 @@ pub(crate) async fn show(
     let path = params.path.as_deref().unwrap_or("/");
     match state.records.inspect(path, &credentials, &key).await {
         Ok(Some(info)) => json(StatusCode::OK, record_json(&key, Some(&info), params.body)),
-        Ok(None) => problem(StatusCode::NOT_FOUND, "no live record has this key in this scope"),
+        Ok(None) => problem(
+            StatusCode::NOT_FOUND,
+            "no live record has this key in this scope",
+        ),
         Err(error) => records_error(error),
     }
 }
@@ -73,10 +76,15 @@ pub(crate) async fn forget(
     }
     let credentials = credentials(&state, &headers);
     let path = params.path.as_deref().unwrap_or("/");
-    match state.records.forget(path, &credentials, &key, params.force).await {
-        Ok(Forgotten::NotFound) => {
-            problem(StatusCode::NOT_FOUND, "no live record has this key in this scope")
-        }
+    match state
+        .records
+        .forget(path, &credentials, &key, params.force)
+        .await
+    {
+        Ok(Forgotten::NotFound) => problem(
+            StatusCode::NOT_FOUND,
+            "no live record has this key in this scope",
+        ),
         Ok(Forgotten::InFlight { .. }) => problem(
             StatusCode::CONFLICT,
             "the key is in flight; `?force=true` ends its lease",
@@ -135,7 +143,11 @@ fn credentials(state: &RecordsState, headers: &HeaderMap) -> HeaderMap {
 }
 
 fn constant_time_eq(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 fn records_error(error: RecordsError) -> Response {

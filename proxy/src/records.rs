@@ -58,7 +58,9 @@ pub fn record_json(key: &str, info: Option<&RecordInfo>, with_body: bool) -> Val
             let headers: Vec<Value> = response
                 .headers
                 .iter()
-                .map(|(name, value)| json!([name.as_str(), String::from_utf8_lossy(value.as_bytes())]))
+                .map(|(name, value)| {
+                    json!([name.as_str(), String::from_utf8_lossy(value.as_bytes())])
+                })
                 .collect();
             out["headers"] = Value::Array(headers);
             if with_body {

@@ -16,12 +16,12 @@ use tokio::net::TcpListener;
 use tower::{Layer, ServiceExt};
 use tower_idempotency::{ClientIp, IdempotencyLayer};
 
-use crate::{admin, admin_records};
 use crate::config::Config;
 use crate::reload::ConfigFile;
 use crate::store::{self, OpenError};
 use crate::telemetry;
 use crate::upstream::{ClientAddr, Upstream};
+use crate::{admin, admin_records};
 
 /// The proxy could not start.
 #[derive(Debug, thiserror::Error)]

@@ -90,7 +90,11 @@ impl<St: IdempotencyStore> Records<St> {
             None => {
                 let routes = self.shared.routes.current();
                 let policy = routes.policy_for(parts.uri.path());
-                Scope::from_credentials(&parts.headers, &policy.scope_headers, &policy.scope_cookies)
+                Scope::from_credentials(
+                    &parts.headers,
+                    &policy.scope_headers,
+                    &policy.scope_cookies,
+                )
             }
         };
         Ok(RecordKey::new(&scope, &key))

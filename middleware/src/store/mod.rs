@@ -27,10 +27,10 @@ mod forget_feed;
 mod notify;
 mod records;
 pub use forget_feed::{ForgetEvent, ForgetFeed};
-pub use records::{Forgotten, RecordInfo, RecordState};
+pub use notify::{CompletionNotifier, Subscription};
 #[allow(unused_imports)]
 pub(crate) use records::{ForgetSender, system_time_of, unix_micros, unix_millis};
-pub use notify::{CompletionNotifier, Subscription};
+pub use records::{Forgotten, RecordInfo, RecordState};
 
 #[cfg(feature = "memory")]
 mod memory;

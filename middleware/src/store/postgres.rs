@@ -16,8 +16,8 @@ use tokio::sync::oneshot;
 
 use super::sql::{self, Reap};
 use super::{
-    Begin, CompletionNotifier, ForgetFeed, ForgetSender, Forgotten, IdempotencyStore,
-    LeaseToken, RecordInfo, StoreError, Subscription,
+    Begin, CompletionNotifier, ForgetFeed, ForgetSender, Forgotten, IdempotencyStore, LeaseToken,
+    RecordInfo, StoreError, Subscription,
 };
 use crate::fingerprint::Fingerprint;
 use crate::lease::Checkpoint;

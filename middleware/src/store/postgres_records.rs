@@ -9,9 +9,7 @@ use sqlx::{AssertSqlSafe, Row, SqlSafeStr, SqlStr};
 use super::PostgresStore;
 use crate::fingerprint::Fingerprint;
 use crate::scope::RecordKey;
-use crate::store::{
-    Forgotten, LeaseToken, RecordInfo, RecordState, StoreError, sql, unix_micros,
-};
+use crate::store::{Forgotten, LeaseToken, RecordInfo, RecordState, StoreError, sql, unix_micros};
 
 /// Notifications whose payload starts with this announce a forget; the rest of the payload is
 /// the record key in hex. Completions and releases carry the bare hex key, so listeners of

@@ -47,7 +47,11 @@ pub enum RecordState {
 
 impl RecordInfo {
     /// A record read from a store. `pub(crate)`: only stores make these.
-    pub(crate) fn new(fingerprint: Fingerprint, expires_at: SystemTime, state: RecordState) -> Self {
+    pub(crate) fn new(
+        fingerprint: Fingerprint,
+        expires_at: SystemTime,
+        state: RecordState,
+    ) -> Self {
         Self {
             fingerprint,
             expires_at,

@@ -34,9 +34,11 @@ impl RedisStore {
         };
         let (value, pttl, now_us) = match items.as_mut_slice() {
             [] => return Ok(None),
-            [Value::BulkString(value), Value::Int(pttl), Value::Int(now_us)] => {
-                (Bytes::from(std::mem::take(value)), *pttl, *now_us)
-            }
+            [
+                Value::BulkString(value),
+                Value::Int(pttl),
+                Value::Int(now_us),
+            ] => (Bytes::from(std::mem::take(value)), *pttl, *now_us),
             _ => return Err(StoreError::backend("inspect: unexpected reply")),
         };
         let now_us = u64::try_from(now_us).unwrap_or(0);
@@ -61,9 +63,9 @@ impl RedisStore {
             }
             STATE_IN_FLIGHT | WATCHED if lease_until > now_us => {
                 let tail = &value[HEADER_LEN..];
-                let attempt = tail
-                    .get(..4)
-                    .map_or(1, |a| u32::from_be_bytes(a.try_into().unwrap_or([0, 0, 0, 1])));
+                let attempt = tail.get(..4).map_or(1, |a| {
+                    u32::from_be_bytes(a.try_into().unwrap_or([0, 0, 0, 1]))
+                });
                 let checkpoint = decode_recovery_point(tail.get(4..).unwrap_or_default())?
                     .map(|point| point.name().to_owned());
                 Ok(Some(RecordInfo::new(
