@@ -233,6 +233,15 @@ impl StoreError {
 ///         self.inner.release(key, token).await
 ///     }
 ///
+///     async fn checkpoint(
+///         &self,
+///         key: &RecordKey,
+///         token: LeaseToken,
+///         checkpoint: &tower_idempotency::Checkpoint,
+///     ) -> Result<(), StoreError> {
+///         self.inner.checkpoint(key, token, checkpoint).await
+///     }
+///
 ///     async fn renew(
 ///         &self,
 ///         key: &RecordKey,
@@ -244,6 +253,26 @@ impl StoreError {
 ///
 ///     fn subscribe(&self, key: &RecordKey) -> Subscription {
 ///         self.inner.subscribe(key)
+///     }
+///
+///     // Operators' inspect and forget (the defaults say "unsupported", which the suite refuses).
+///     async fn inspect(
+///         &self,
+///         key: &RecordKey,
+///     ) -> Result<Option<tower_idempotency::store::RecordInfo>, StoreError> {
+///         self.inner.inspect(key).await
+///     }
+///
+///     async fn forget(
+///         &self,
+///         key: &RecordKey,
+///         force: bool,
+///     ) -> Result<tower_idempotency::store::Forgotten, StoreError> {
+///         self.inner.forget(key, force).await
+///     }
+///
+///     fn forget_feed(&self) -> Option<tower_idempotency::store::ForgetFeed> {
+///         self.inner.forget_feed()
 ///     }
 ///
 ///     // A shared store also implements `watch` (and `ping`); these have defaults.
