@@ -20,6 +20,7 @@ mod lifecycle;
 mod operators;
 mod paths;
 mod proxy;
+mod records;
 mod redis;
 mod stores;
 mod upgrade;

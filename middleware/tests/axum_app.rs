@@ -982,3 +982,58 @@ async fn observe_mode_runs_what_enforcement_would_replay_and_says_so() {
     );
     assert!(Outcome::ObservedWouldReplay.is_observed());
 }
+
+/// `IdempotencyLayer::records` finds the record a real request made (same scope, quoted or bare
+/// key), and forgetting it makes the next retry run again; another caller's key is not touched.
+#[tokio::test(flavor = "multi_thread")]
+async fn records_inspects_and_forgets_the_record_a_request_made() {
+    use tower_idempotency::store::{Forgotten, RecordState};
+    let layer = memory();
+    let records = layer.records();
+    let app = App::start(layer).await;
+    let alice = |request: reqwest::RequestBuilder| request.header(AUTHORIZATION, "Bearer alice");
+    let first = app
+        .send(alice(app.post("/payments", "order-7")).body("5 EUR"))
+        .await;
+    assert_eq!(first.status, StatusCode::CREATED);
+
+    let mut credentials = HeaderMap::new();
+    credentials.insert(AUTHORIZATION, HeaderValue::from_static("Bearer alice"));
+    let info = records
+        .inspect("/payments", &credentials, "\"order-7\"")
+        .await
+        .expect("inspect")
+        .expect("the request's record");
+    match info.state {
+        RecordState::Completed { response, .. } => {
+            assert_eq!(response.status, StatusCode::CREATED);
+            assert_eq!(response.body, first.body);
+        }
+        other => panic!("expected a completed record, got {other:?}"),
+    }
+    assert!(
+        records
+            .inspect("/payments", &HeaderMap::new(), "order-7")
+            .await
+            .unwrap()
+            .is_none(),
+        "another scope (no credentials) has no record under this key"
+    );
+
+    assert_eq!(
+        records
+            .forget("/payments", &credentials, "order-7", false)
+            .await
+            .unwrap(),
+        Forgotten::Completed
+    );
+    let retry = app
+        .send(alice(app.post("/payments", "order-7")).body("5 EUR"))
+        .await;
+    assert!(!retry.replayed(), "a forgotten key runs again");
+    assert_eq!(app.counters.runs(), 2);
+    assert!(matches!(
+        records.record_key("/payments", &credentials, "a b"),
+        Err(tower_idempotency::RecordsError::InvalidKey(_))
+    ));
+}

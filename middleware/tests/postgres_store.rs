@@ -1089,3 +1089,72 @@ async fn a_batch_whose_connection_is_cut_fails_every_call() {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+/// Forgets go through NOTIFY: a forget in one process reaches another's forget feed, and a
+/// forced forget wakes the other's waiters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forget_in_one_process_reaches_anothers_feed() {
+    use tower_idempotency::store::{ForgetEvent, Forgotten};
+    let (a, schema) = fresh_store().await;
+    let b = connect(builder(&schema)).await;
+    let mut feed = b
+        .forget_feed()
+        .expect("the PostgreSQL store has a forget feed");
+
+    let completed = key("forget-across");
+    let token = acquire(&a, &completed, LONG).await;
+    a.complete(
+        &completed,
+        tower_idempotency::LeaseToken(token),
+        &response("x"),
+        LONG,
+    )
+    .await
+    .expect("complete");
+    assert_eq!(
+        a.forget(&completed, false).await.unwrap(),
+        Forgotten::Completed
+    );
+    let heard = tokio::time::timeout(NOTIFY_WITHIN, feed.recv()).await;
+    assert_eq!(
+        heard.expect("in time").ok(),
+        Some(ForgetEvent::Key(completed))
+    );
+
+    let stuck = key("forget-stuck-across");
+    acquire(&a, &stuck, LONG).await;
+    let subscription = b.subscribe(&stuck);
+    let woken = subscription.notified();
+    assert!(matches!(
+        a.forget(&stuck, true).await.unwrap(),
+        Forgotten::LeaseEnded { .. }
+    ));
+    tokio::time::timeout(NOTIFY_WITHIN, woken)
+        .await
+        .expect("a forced forget wakes waiters in other processes, watched or not");
+    let heard = tokio::time::timeout(NOTIFY_WITHIN, feed.recv()).await;
+    assert_eq!(heard.expect("in time").ok(), Some(ForgetEvent::Key(stuck)));
+
+    drop((a, b));
+    drop_schema(&schema).await;
+}
+
+/// A listener that lost its connection may have missed forgets: its feed says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_reconnect_tells_the_feed_forgets_may_be_missed() {
+    use tower_idempotency::store::ForgetEvent;
+    let (store, schema) = fresh_store().await;
+    let mut feed = store.forget_feed().expect("a forget feed");
+    let application = format!("tower-idempotency listener {}", store.channel());
+    let terminated: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind(&application)
+    .fetch_all(&mut admin().await)
+    .await
+    .expect("terminate the listener");
+    assert_eq!(terminated, [true]);
+    let heard = tokio::time::timeout(NOTIFY_WITHIN * 3, feed.recv()).await;
+    assert_eq!(heard.expect("in time").ok(), Some(ForgetEvent::Unknown));
+    drop(store);
+    drop_schema(&schema).await;
+}

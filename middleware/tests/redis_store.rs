@@ -701,3 +701,66 @@ async fn ping_reaches_the_server_and_clones_share_the_store() {
     drop(clone);
     store.ping().await.expect("the store outlives its clones");
 }
+
+/// Forgets go through the completion channel: a forget in one instance reaches another's forget
+/// feed, and a forced forget wakes the other's waiters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forget_in_one_instance_reaches_anothers_feed() {
+    use tower_idempotency::store::{ForgetEvent, Forgotten};
+    let url = redis_url();
+    let prefix = unique_prefix("forget-cross");
+    let a = store_at(&url, &prefix).await;
+    let b = store_at(&url, &prefix).await;
+    let mut feed = b.forget_feed().expect("the Redis store has a forget feed");
+
+    let completed = key("forget-across");
+    let token = acquire(&a, &completed, 1, LONG).await;
+    a.complete(&completed, token, &response(b"x"), LONG)
+        .await
+        .expect("complete");
+    assert_eq!(
+        a.forget(&completed, false).await.unwrap(),
+        Forgotten::Completed
+    );
+    let heard = tokio::time::timeout(NOTIFY_WITHIN, feed.recv()).await;
+    assert_eq!(
+        heard.expect("in time").ok(),
+        Some(ForgetEvent::Key(completed))
+    );
+
+    let stuck = key("forget-stuck-across");
+    acquire(&a, &stuck, 1, LONG).await;
+    let subscription = b.subscribe(&stuck);
+    let woken = subscription.notified();
+    assert!(matches!(
+        a.forget(&stuck, true).await.unwrap(),
+        Forgotten::LeaseEnded { .. }
+    ));
+    tokio::time::timeout(NOTIFY_WITHIN, woken)
+        .await
+        .expect("a forced forget wakes waiters in other instances, watched or not");
+    let heard = tokio::time::timeout(NOTIFY_WITHIN, feed.recv()).await;
+    assert_eq!(heard.expect("in time").ok(), Some(ForgetEvent::Key(stuck)));
+}
+
+/// A subscriber that lost its connection may have missed forgets: its feed says so. (On a
+/// private server: killing pub/sub clients would disturb other tests.)
+#[tokio::test]
+async fn a_resubscribe_tells_the_feed_forgets_may_be_missed() {
+    use tower_idempotency::store::ForgetEvent;
+    let server = RedisServer::start();
+    let url = server.url();
+    let store = store_at(&url, &unique_prefix("forget-reconnect")).await;
+    let mut feed = store.forget_feed().expect("a forget feed");
+    let mut raw = raw_connection(&url).await;
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut raw)
+        .await
+        .expect("CLIENT KILL");
+    assert_eq!(killed, 1);
+    let heard = tokio::time::timeout(NOTIFY_WITHIN, feed.recv()).await;
+    assert_eq!(heard.expect("in time").ok(), Some(ForgetEvent::Unknown));
+}

@@ -84,6 +84,25 @@ impl IdempotencyStore for TempStore {
     async fn ping(&self) -> Result<(), StoreError> {
         self.store.ping().await
     }
+
+    async fn inspect(
+        &self,
+        key: &RecordKey,
+    ) -> Result<Option<tower_idempotency::store::RecordInfo>, StoreError> {
+        self.store.inspect(key).await
+    }
+
+    async fn forget(
+        &self,
+        key: &RecordKey,
+        force: bool,
+    ) -> Result<tower_idempotency::store::Forgotten, StoreError> {
+        self.store.forget(key, force).await
+    }
+
+    fn forget_feed(&self) -> Option<tower_idempotency::store::ForgetFeed> {
+        self.store.forget_feed()
+    }
 }
 
 mod conformance {

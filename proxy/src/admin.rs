@@ -1,4 +1,5 @@
-//! The admin listener: `/healthz`, `/readyz` and `/metrics`.
+//! The admin listener: `/healthz`, `/readyz`, `/metrics` and `/records/{key}` (see
+//! [`crate::admin_records`]).
 
 use std::time::Duration;
 
@@ -7,6 +8,8 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+
+use crate::admin_records::{self, RecordsState};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tower_idempotency::IdempotencyStore;
 use tower_idempotency::problem::{Problem, ProblemKind};
@@ -23,13 +26,21 @@ struct AdminState {
     metrics: PrometheusHandle,
 }
 
-/// The admin routes.
-pub fn router(store: DynStore, metrics: PrometheusHandle) -> Router {
+/// The admin routes. Serve them with `into_make_service_with_connect_info::<SocketAddr>()`: the
+/// record endpoints look at the peer address.
+pub fn router(store: DynStore, metrics: PrometheusHandle, records: RecordsState) -> Router {
+    let records = Router::new()
+        .route(
+            "/records/{key}",
+            get(admin_records::show).delete(admin_records::forget),
+        )
+        .with_state(records);
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
         .with_state(AdminState { store, metrics })
+        .merge(records)
 }
 
 /// The process is up and serving.

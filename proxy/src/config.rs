@@ -20,6 +20,8 @@ use tower_idempotency::{Anonymous, Mode, OnConflict, OnStoreError, PathPattern, 
 
 /// Overrides `[store] url` when set, so secrets need not live in the file.
 pub const STORE_URL_ENV: &str = "IDEMPOTENCY_STORE_URL";
+/// The environment variable that, when set and not empty, replaces `[admin] token`.
+pub const ADMIN_TOKEN_ENV: &str = "IDEMPOTENCY_ADMIN_TOKEN";
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -107,6 +109,10 @@ pub struct AdminConfig {
     /// Address of the admin listener. Loopback by default: metrics are for the local scraper.
     #[serde(default = "defaults::admin_listen")]
     pub listen: SocketAddr,
+    /// The bearer token the record endpoints (`/records/{key}`) require in `Authorization`.
+    /// Without one they answer loopback peers only. `IDEMPOTENCY_ADMIN_TOKEN` replaces it.
+    #[serde(default)]
+    pub token: Option<String>,
 }
 
 /// Which store backend to use.
@@ -658,6 +664,18 @@ impl Config {
         }
         if let Some(url) = env(STORE_URL_ENV).filter(|url| !url.is_empty()) {
             self.store.url = Some(url);
+        }
+        if let Some(admin) = &mut self.admin {
+            if let Some(token) = env(ADMIN_TOKEN_ENV).filter(|token| !token.is_empty()) {
+                admin.token = Some(token);
+            }
+            if admin.token.as_deref() == Some("") {
+                return Err(problem(
+                    KeyPath::of(&["admin", "token"]),
+                    "must not be empty (leave it out to serve the record endpoints to loopback \
+                     peers only)",
+                ));
+            }
         }
         for (i, url) in self.store.urls.iter_mut().enumerate() {
             *url = expand(url, env).map_err(|m| {

@@ -22,8 +22,10 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod admin;
+pub mod admin_records;
 pub mod body_timeout;
 pub mod config;
+pub mod records;
 pub mod reload;
 pub mod report;
 pub mod server;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use idempotency_proxy::reload::ConfigFile;
-use idempotency_proxy::{report, server, store, telemetry};
+use idempotency_proxy::{records, report, server, store, telemetry};
 
 /// A reverse proxy that runs each keyed POST once and replays its response to retries.
 #[derive(Debug, Parser)]
@@ -26,6 +26,48 @@ enum Command {
     Check,
     /// Apply the store's schema (PostgreSQL, SQLite) and exit.
     Migrate,
+    /// Inspect or forget the record of one idempotency key.
+    Records {
+        #[command(subcommand)]
+        action: RecordsAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RecordsAction {
+    /// Print the key's record as JSON (never the body unless --body).
+    Show {
+        #[command(flatten)]
+        request: RecordRequest,
+        /// Include the stored response body.
+        #[arg(long)]
+        body: bool,
+    },
+    /// Delete the key's completed record (with --force, end its in-flight lease too).
+    Forget {
+        #[command(flatten)]
+        request: RecordRequest,
+        /// Also end an in-flight lease (a stuck request): its holder can no longer complete it.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// The request whose record is meant, as the client sent it.
+#[derive(Debug, clap::Args)]
+struct RecordRequest {
+    /// The idempotency key as sent (quoted or not).
+    #[arg(long)]
+    key: String,
+    /// A request header that identifies the caller, `Name: value` (repeatable).
+    #[arg(long = "header", value_name = "NAME: VALUE")]
+    headers: Vec<String>,
+    /// A request cookie that identifies the caller, `name=value` (repeatable).
+    #[arg(long = "cookie", value_name = "NAME=VALUE")]
+    cookies: Vec<String>,
+    /// The request path, which picks the route policy (default: the default policy).
+    #[arg(long)]
+    path: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -68,6 +110,7 @@ fn main() -> ExitCode {
                 }
             }
         }),
+        Command::Records { action } => runtime_block_on(None, run_records(config, action)),
         Command::Run => runtime_block_on(config.proxy.worker_threads, async {
             match server::run_reloading(config, file, server::shutdown_signal()).await {
                 Ok(()) => ExitCode::SUCCESS,
@@ -77,6 +120,59 @@ fn main() -> ExitCode {
                 }
             }
         }),
+    }
+}
+
+async fn run_records(config: idempotency_proxy::config::Config, action: RecordsAction) -> ExitCode {
+    let (request, body, force) = match action {
+        RecordsAction::Show { request, body } => (request, body, None),
+        RecordsAction::Forget { request, force } => (request, false, Some(force)),
+    };
+    let credentials = match records::credentials(&request.headers, &request.cookies) {
+        Ok(credentials) => credentials,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let store = match store::open(&config.store).await {
+        Ok(store) => store,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let handle = match records::records(&config, store, request.path.is_some()) {
+        Ok(handle) => handle,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let path = request.path.as_deref().unwrap_or("/");
+    let output = match force {
+        None => handle
+            .inspect(path, &credentials, &request.key)
+            .await
+            .map(|info| records::record_json(&request.key, info.as_ref(), body)),
+        Some(force) => handle
+            .forget(path, &credentials, &request.key, force)
+            .await
+            .map(|forgotten| records::forgotten_json(&request.key, forgotten)),
+    };
+    match output {
+        Ok(json) => {
+            println!("{json:#}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            if records::is_bad_input(&error) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
     }
 }
 

@@ -16,12 +16,12 @@ use tokio::net::TcpListener;
 use tower::{Layer, ServiceExt};
 use tower_idempotency::{ClientIp, IdempotencyLayer};
 
-use crate::admin;
 use crate::config::Config;
 use crate::reload::ConfigFile;
 use crate::store::{self, OpenError};
 use crate::telemetry;
 use crate::upstream::{ClientAddr, Upstream};
+use crate::{admin, admin_records};
 
 /// The proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -117,8 +117,13 @@ async fn serve(
     );
 
     let (stop_admin, admin_stopped) = tokio::sync::watch::channel(false);
+    let records = admin_records::RecordsState {
+        records: layer.records(),
+        token: config.admin.as_ref().and_then(|admin| admin.token.clone()),
+    };
     let admin_task = admin.map(|(listener, _)| {
-        let app = admin::router(store.clone(), metrics);
+        let app = admin::router(store.clone(), metrics, records)
+            .into_make_service_with_connect_info::<SocketAddr>();
         let mut stopped = admin_stopped.clone();
         tokio::spawn(async move {
             let _ = axum::serve(listener, app)

@@ -226,6 +226,13 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     pub fn leases_in_flight(&self) -> LeasesInFlight {
         self.shared.leases.clone()
     }
+
+    /// Inspects and forgets records of this layer's store by the request that made them (path,
+    /// credentials, key), with the record key computed as this layer computes it; see
+    /// [`Records`](super::Records).
+    pub fn records(&self) -> super::Records<St> {
+        super::Records::new(self.shared.clone())
+    }
 }
 
 /// The routes, replaceable at run time. Read once per request: an uncontended read lock and an

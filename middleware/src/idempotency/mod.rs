@@ -11,6 +11,7 @@ mod layer;
 mod leases;
 mod observe;
 mod outcome;
+mod records;
 mod service;
 
 pub use body::{RequestBody, ResponseBody};
@@ -20,4 +21,5 @@ pub use late::LateOutcome;
 pub use layer::{IdempotencyLayer, ScopeFn};
 pub use leases::LeasesInFlight;
 pub use outcome::OutcomeHook;
+pub use records::{Records, RecordsError};
 pub use service::{Idempotency, OutcomeUnknown};

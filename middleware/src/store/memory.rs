@@ -11,7 +11,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use super::{Begin, CompletionNotifier, IdempotencyStore, LeaseToken, StoreError, Subscription};
+use super::{
+    Begin, CompletionNotifier, ForgetFeed, ForgetSender, Forgotten, IdempotencyStore, LeaseToken,
+    RecordInfo, RecordState, StoreError, Subscription, system_time_of,
+};
 use crate::fingerprint::Fingerprint;
 use crate::lease::Checkpoint;
 use crate::record::StoredResponse;
@@ -48,6 +51,7 @@ pub struct MemoryStore {
 struct Inner {
     shards: Box<[Mutex<Shard>]>,
     notifier: CompletionNotifier,
+    forgets: ForgetSender,
     // One counter for every key keeps tokens increasing per key even across a record's deletion.
     next_token: AtomicU64,
 }
@@ -157,6 +161,7 @@ impl MemoryStore {
             inner: Arc::new(Inner {
                 shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
                 notifier: CompletionNotifier::new(),
+                forgets: ForgetSender::default(),
                 next_token: AtomicU64::new(1),
             }),
         };
@@ -400,6 +405,80 @@ impl IdempotencyStore for MemoryStore {
 
     fn subscribe(&self, key: &RecordKey) -> Subscription {
         self.inner.notifier.subscribe(key)
+    }
+
+    async fn inspect(&self, key: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {
+        let now = Instant::now();
+        let shard = self.shard(key);
+        let Some(record) = shard.records.get(key) else {
+            return Ok(None);
+        };
+        match &record.state {
+            State::InFlight {
+                token,
+                lease_until,
+                attempt,
+                recovery_point,
+                ..
+            } if *lease_until > now => Ok(Some(RecordInfo::new(
+                record.fingerprint,
+                system_time_of(*lease_until),
+                RecordState::InFlight {
+                    token: LeaseToken(*token),
+                    attempt: *attempt,
+                    checkpoint: recovery_point.as_ref().map(|p| p.name().to_owned()),
+                },
+            ))),
+            State::Completed {
+                response,
+                expires_at,
+            } if *expires_at > now => {
+                let (fingerprint, response, expires_at) =
+                    (record.fingerprint, response.clone(), *expires_at);
+                drop(shard);
+                RecordInfo::completed(fingerprint, system_time_of(expires_at), response).map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    async fn forget(&self, key: &RecordKey, force: bool) -> Result<Forgotten, StoreError> {
+        let now = Instant::now();
+        let forgotten = {
+            let mut shard = self.shard(key);
+            let found = match shard.records.get(key).map(|record| &record.state) {
+                Some(State::InFlight {
+                    token,
+                    lease_until,
+                    attempt,
+                    ..
+                }) if *lease_until > now => {
+                    let (token, attempt) = (LeaseToken(*token), *attempt);
+                    if force {
+                        Forgotten::LeaseEnded { token, attempt }
+                    } else {
+                        Forgotten::InFlight { token, attempt }
+                    }
+                }
+                Some(State::Completed { expires_at, .. }) if *expires_at > now => {
+                    Forgotten::Completed
+                }
+                _ => Forgotten::NotFound,
+            };
+            if found.deleted() {
+                shard.records.remove(key);
+            }
+            found
+        };
+        if forgotten.deleted() {
+            self.inner.notifier.notify(key);
+            self.inner.forgets.forgot(key);
+        }
+        Ok(forgotten)
+    }
+
+    fn forget_feed(&self) -> Option<ForgetFeed> {
+        Some(self.inner.forgets.feed())
     }
 }
 

@@ -25,8 +25,12 @@ use crate::scope::RecordKey;
 
 mod forget_feed;
 mod notify;
+mod records;
 pub use forget_feed::{ForgetEvent, ForgetFeed};
 pub use notify::{CompletionNotifier, Subscription};
+#[allow(unused_imports)]
+pub(crate) use records::{ForgetSender, system_time_of, unix_micros, unix_millis};
+pub use records::{Forgotten, RecordInfo, RecordState};
 
 #[cfg(feature = "memory")]
 mod memory;
@@ -124,6 +128,9 @@ pub enum StoreError {
     /// The backend failed: unreachable, refused, or returned an unexpected answer.
     #[error("store backend error: {0}")]
     Backend(#[source] BoxError),
+    /// The store does not implement this operation (a third-party store that predates it).
+    #[error("this store does not support {0}")]
+    Unsupported(&'static str),
 }
 
 impl StoreError {
@@ -174,6 +181,15 @@ impl StoreError {
 /// * **Expiry is enforced on read**: an expired record is never replayed, whether or not a
 ///   background task has deleted it yet, and expired records do not accumulate without bound.
 /// * **Independence.** Records of different keys never affect each other.
+/// * **Inspect.** `inspect` returns the live record of a key (a lapsed lease or an expired
+///   record is not live: `None`), with its fingerprint, its deadline, and either the lease's
+///   token and attempt or the stored response; it changes nothing.
+/// * **Forget.** `forget` deletes a live completed record (the next `begin` acquires afresh);
+///   a live in-flight record only with `force`, which ends the lease: its holder then gets
+///   [`StoreError::LeaseLost`] from `complete`, `renew`, `release` and `checkpoint`, and the
+///   key's subscribers are woken. Without `force` an in-flight record is left as it is and
+///   reported as [`Forgotten::InFlight`]. A deleted record is announced on every
+///   [`forget_feed`](IdempotencyStore::forget_feed) of every process sharing the store.
 ///
 /// # Implementing a store
 ///
@@ -228,6 +244,15 @@ impl StoreError {
 ///         self.inner.release(key, token).await
 ///     }
 ///
+///     async fn checkpoint(
+///         &self,
+///         key: &RecordKey,
+///         token: LeaseToken,
+///         checkpoint: &tower_idempotency::Checkpoint,
+///     ) -> Result<(), StoreError> {
+///         self.inner.checkpoint(key, token, checkpoint).await
+///     }
+///
 ///     async fn renew(
 ///         &self,
 ///         key: &RecordKey,
@@ -248,6 +273,26 @@ impl StoreError {
 ///
 ///     fn subscribe(&self, key: &RecordKey) -> Subscription {
 ///         self.inner.subscribe(key)
+///     }
+///
+///     // Operators' inspect and forget (the defaults say "unsupported", which the suite refuses).
+///     async fn inspect(
+///         &self,
+///         key: &RecordKey,
+///     ) -> Result<Option<tower_idempotency::store::RecordInfo>, StoreError> {
+///         self.inner.inspect(key).await
+///     }
+///
+///     async fn forget(
+///         &self,
+///         key: &RecordKey,
+///         force: bool,
+///     ) -> Result<tower_idempotency::store::Forgotten, StoreError> {
+///         self.inner.forget(key, force).await
+///     }
+///
+///     fn forget_feed(&self) -> Option<tower_idempotency::store::ForgetFeed> {
+///         self.inner.forget_feed()
 ///     }
 ///
 ///     // A shared store also implements `watch` (and `ping`); these have defaults.
@@ -328,6 +373,21 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         Ok(())
     }
 
+    /// The live record of `key`, for operators: state, deadline, lease or stored response.
+    /// Changes nothing. The default says the store does not support it.
+    async fn inspect(&self, key: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {
+        let _ = key;
+        Err(StoreError::Unsupported("inspecting records"))
+    }
+
+    /// Deletes the live completed record of `key`, or (only with `force`) ends its in-flight
+    /// lease; announces it on every [`forget_feed`](Self::forget_feed). See the contract above.
+    /// The default says the store does not support it.
+    async fn forget(&self, key: &RecordKey, force: bool) -> Result<Forgotten, StoreError> {
+        let _ = (key, force);
+        Err(StoreError::Unsupported("forgetting records"))
+    }
+
     /// Records forgotten on purpose by any process sharing this store, as they happen, for
     /// in-process caches of completed records (see [`ForgetFeed`]). `None`, the default: this
     /// store cannot tell, and no cache may answer replays of its records.
@@ -395,6 +455,14 @@ macro_rules! forward_store_impl {
 
             fn forget_feed(&self) -> Option<ForgetFeed> {
                 (**self).forget_feed()
+            }
+
+            async fn inspect(&self, key: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {
+                (**self).inspect(key).await
+            }
+
+            async fn forget(&self, key: &RecordKey, force: bool) -> Result<Forgotten, StoreError> {
+                (**self).forget(key, force).await
             }
         }
     )*};
@@ -485,5 +553,13 @@ impl IdempotencyStore for DynStore {
 
     fn forget_feed(&self) -> Option<ForgetFeed> {
         (*self.0).forget_feed()
+    }
+
+    async fn inspect(&self, key: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {
+        (*self.0).inspect(key).await
+    }
+
+    async fn forget(&self, key: &RecordKey, force: bool) -> Result<Forgotten, StoreError> {
+        (*self.0).forget(key, force).await
     }
 }

@@ -17,7 +17,10 @@ use tokio::sync::oneshot;
 use super::batch::Batcher;
 use super::pg_batch::{self, BeginCall, CompleteCall};
 use super::sql::{self, Reap};
-use super::{Begin, CompletionNotifier, IdempotencyStore, LeaseToken, StoreError, Subscription};
+use super::{
+    Begin, CompletionNotifier, ForgetFeed, ForgetSender, Forgotten, IdempotencyStore, LeaseToken,
+    RecordInfo, StoreError, Subscription,
+};
 use crate::fingerprint::Fingerprint;
 use crate::lease::Checkpoint;
 use crate::record::StoredResponse;
@@ -228,6 +231,8 @@ struct Inner {
     /// Group commit of `begin` and `complete` (see `pg_batch`).
     begins: Batcher<pg_batch::Begins>,
     completes: Batcher<pg_batch::Completes>,
+    forgets: ForgetSender,
+    records: records::RecordStatements,
     // Dropped with the last clone of the store, which stops the listener task.
     _stop_listener: oneshot::Sender<()>,
 }
@@ -457,6 +462,7 @@ impl PostgresStoreBuilder {
 
         let channel = channel_name(&self.schema, &self.table);
         let notifier = CompletionNotifier::new();
+        let forgets = ForgetSender::default();
         // Listening before `connect` returns: a subscription made right after is already served.
         let listener = open_listener(&options, &channel)
             .await
@@ -467,6 +473,7 @@ impl PostgresStoreBuilder {
             options,
             channel.clone(),
             notifier.clone(),
+            forgets.clone(),
             stopped,
         ));
 
@@ -501,11 +508,13 @@ impl PostgresStoreBuilder {
             statements,
             begins,
             completes,
+            records: records::RecordStatements::new(&self.schema, &self.table),
             schema: self.schema,
             table: self.table,
             channel,
             reaper_batch: self.reaper_batch,
             notifier,
+            forgets,
             _stop_listener: stop_listener,
         });
         sql::spawn_reaper(Arc::downgrade(&inner), self.reaper_interval, "postgres");
@@ -796,6 +805,18 @@ impl IdempotencyStore for PostgresStore {
         Ok(())
     }
 
+    async fn inspect(&self, key: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {
+        self.inspect_record(key).await
+    }
+
+    async fn forget(&self, key: &RecordKey, force: bool) -> Result<Forgotten, StoreError> {
+        self.forget_record(key, force).await
+    }
+
+    fn forget_feed(&self) -> Option<ForgetFeed> {
+        Some(self.inner.forgets.feed())
+    }
+
     fn subscribe(&self, key: &RecordKey) -> Subscription {
         self.inner.notifier.subscribe(key)
     }
@@ -910,6 +931,7 @@ async fn listen(
     options: PgConnectOptions,
     channel: String,
     notifier: CompletionNotifier,
+    forgets: ForgetSender,
     mut stop: oneshot::Receiver<()>,
 ) {
     let mut listener = Some(listener);
@@ -930,6 +952,7 @@ async fn listen(
                     listener = Some(reopened);
                     backoff = LISTENER_MIN_BACKOFF;
                     notifier.notify_all();
+                    forgets.unknown();
                 }
                 Err(error) => {
                     tracing::warn!(
@@ -950,7 +973,7 @@ async fn listen(
         };
         let healthy = match received {
             Some(Ok(Some(notification))) => {
-                deliver(&notifier, notification.payload());
+                deliver(&notifier, &forgets, notification.payload());
                 true
             }
             Some(Ok(None)) => {
@@ -990,13 +1013,26 @@ async fn listen(
 
 /// Wakes the subscribers of the key a notification names. A payload that is not a hex record
 /// key (someone else's NOTIFY on our channel) is ignored.
-fn deliver(notifier: &CompletionNotifier, payload: &str) {
+fn deliver(notifier: &CompletionNotifier, forgets: &ForgetSender, payload: &str) {
+    let (forgot, hex_key) = match payload.strip_prefix(records::FORGET_PREFIX) {
+        Some(hex_key) => (true, hex_key),
+        None => (false, payload),
+    };
     let mut key = [0u8; 32];
-    match hex::decode_to_slice(payload, &mut key) {
-        Ok(()) => notifier.notify(&RecordKey::from_bytes(key)),
+    match hex::decode_to_slice(hex_key, &mut key) {
+        Ok(()) => {
+            let key = RecordKey::from_bytes(key);
+            notifier.notify(&key);
+            if forgot {
+                forgets.forgot(&key);
+            }
+        }
         Err(_) => tracing::debug!(payload, "ignoring a notification that names no record key"),
     }
 }
+
+#[path = "postgres_records.rs"]
+mod records;
 
 #[cfg(test)]
 mod tests {
@@ -1038,9 +1074,22 @@ mod tests {
 
     #[test]
     fn notifications_with_foreign_payloads_are_ignored() {
-        let notifier = CompletionNotifier::new();
-        deliver(&notifier, "not hex");
-        deliver(&notifier, "abcd");
-        deliver(&notifier, &"0".repeat(64));
+        let (notifier, forgets) = (CompletionNotifier::new(), ForgetSender::default());
+        let mut feed = forgets.feed();
+        deliver(&notifier, &forgets, "not hex");
+        deliver(&notifier, &forgets, "abcd");
+        deliver(&notifier, &forgets, "forget:abcd");
+        deliver(&notifier, &forgets, &"0".repeat(64));
+        assert!(feed.try_recv().is_err(), "a completion is not a forget");
+    }
+
+    #[test]
+    fn forget_notifications_reach_the_feed() {
+        use crate::store::ForgetEvent;
+        let (notifier, forgets) = (CompletionNotifier::new(), ForgetSender::default());
+        let mut feed = forgets.feed();
+        let key = RecordKey::from_bytes([7; 32]);
+        deliver(&notifier, &forgets, &format!("forget:{}", key.to_hex()));
+        assert_eq!(feed.try_recv().ok(), Some(ForgetEvent::Key(key)));
     }
 }

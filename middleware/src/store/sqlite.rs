@@ -18,7 +18,10 @@ use sqlx::sqlite::{
 use super::batch::Batcher;
 use super::sql::{self, Reap};
 use super::sqlite_batch::{WriteCall, Writer, Written};
-use super::{Begin, CompletionNotifier, IdempotencyStore, LeaseToken, StoreError, Subscription};
+use super::{
+    Begin, CompletionNotifier, ForgetFeed, ForgetSender, Forgotten, IdempotencyStore, LeaseToken,
+    RecordInfo, StoreError, Subscription,
+};
 use crate::fingerprint::Fingerprint;
 use crate::lease::Checkpoint;
 use crate::record::StoredResponse;
@@ -187,6 +190,7 @@ struct Inner {
     /// The single writer of `begin` and `complete`, one transaction per batch (see
     /// `sqlite_batch`).
     writer: Batcher<Writer>,
+    forgets: ForgetSender,
 }
 
 /// Configures and opens a [`SqliteStore`]; from [`SqliteStore::builder`] or
@@ -286,6 +290,7 @@ impl SqliteStoreBuilder {
             path,
             reaper_batch: self.reaper_batch,
             notifier: CompletionNotifier::new(),
+            forgets: ForgetSender::default(),
         });
         sql::spawn_reaper(Arc::downgrade(&inner), self.reaper_interval, "sqlite");
         Ok(SqliteStore { inner })
@@ -526,6 +531,18 @@ impl IdempotencyStore for SqliteStore {
         Ok(())
     }
 
+    async fn inspect(&self, key: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {
+        self.inspect_record(key).await
+    }
+
+    async fn forget(&self, key: &RecordKey, force: bool) -> Result<Forgotten, StoreError> {
+        self.forget_record(key, force).await
+    }
+
+    fn forget_feed(&self) -> Option<ForgetFeed> {
+        Some(self.inner.forgets.feed())
+    }
+
     fn subscribe(&self, key: &RecordKey) -> Subscription {
         self.inner.notifier.subscribe(key)
     }
@@ -538,3 +555,6 @@ impl IdempotencyStore for SqliteStore {
         Ok(())
     }
 }
+
+#[path = "sqlite_records.rs"]
+mod records;

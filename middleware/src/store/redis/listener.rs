@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior, timeout};
 
 use crate::scope::RecordKey;
-use crate::store::CompletionNotifier;
+use crate::store::{CompletionNotifier, ForgetSender};
 
 /// How often an idle subscriber pings: a connection that died without a FIN or RST (a network
 /// partition, a NAT dropping the flow) would otherwise look subscribed forever.
@@ -30,6 +30,8 @@ pub(super) struct Listener {
     nodes: Vec<Client>,
     channel: String,
     notifier: CompletionNotifier,
+    /// Where forgets announced on the channel go, for in-process caches.
+    forgets: ForgetSender,
     /// Bounds connecting, subscribing and each health-check ping.
     timeout: Duration,
 }
@@ -39,12 +41,14 @@ impl Listener {
         nodes: Vec<Client>,
         channel: String,
         notifier: CompletionNotifier,
+        forgets: ForgetSender,
         timeout: Duration,
     ) -> Self {
         Self {
             nodes,
             channel,
             notifier,
+            forgets,
             timeout,
         }
     }
@@ -115,6 +119,8 @@ impl Listener {
             // Completions published while no connection was subscribed are lost: every waiter
             // looks at the store again rather than sleeping until its poll interval.
             self.notifier.notify_all();
+            // Forgets too: caches must treat every record as possibly forgotten.
+            self.forgets.unknown();
         }
     }
 
@@ -149,11 +155,18 @@ impl Listener {
     }
 
     fn deliver(&self, message: &Msg) {
-        let key = std::str::from_utf8(message.get_payload_bytes())
-            .ok()
-            .and_then(RecordKey::from_hex);
-        match key {
-            Some(key) => self.notifier.notify(&key),
+        let payload = std::str::from_utf8(message.get_payload_bytes()).unwrap_or_default();
+        let (forgot, hex_key) = match payload.strip_prefix(super::records::FORGET_PREFIX) {
+            Some(hex_key) => (true, hex_key),
+            None => (false, payload),
+        };
+        match RecordKey::from_hex(hex_key) {
+            Some(key) => {
+                self.notifier.notify(&key);
+                if forgot {
+                    self.forgets.forgot(&key);
+                }
+            }
             None => tracing::debug!(
                 channel = message.get_channel_name(),
                 "ignoring a completion message that is not a record key"

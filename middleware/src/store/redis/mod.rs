@@ -2,6 +2,7 @@
 //! layout, the Lua scripts, the time source, notifications and cluster behaviour.
 
 mod listener;
+mod records;
 
 use std::fmt;
 use std::sync::{Arc, LazyLock};
@@ -15,7 +16,10 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Client, RedisError, Script, ScriptInvocation, Value};
 use tokio::task::JoinHandle;
 
-use super::{Begin, CompletionNotifier, IdempotencyStore, LeaseToken, StoreError, Subscription};
+use super::{
+    Begin, CompletionNotifier, ForgetFeed, ForgetSender, Forgotten, IdempotencyStore, LeaseToken,
+    RecordInfo, StoreError, Subscription,
+};
 use crate::fingerprint::Fingerprint;
 use crate::lease::Checkpoint;
 use crate::record::{DecodeError, StoredResponse};
@@ -205,6 +209,7 @@ struct Inner {
     key_prefix: String,
     channel: String,
     notifier: CompletionNotifier,
+    forgets: ForgetSender,
     response_timeout: Duration,
     /// The subscriber task; it owns nothing of `Inner`, so it is stopped explicitly.
     listener: JoinHandle<()>,
@@ -255,6 +260,8 @@ impl Connection {
             &*RELEASE,
             &*WATCH,
             &*CHECKPOINT,
+            &*records::INSPECT,
+            &*records::FORGET,
         ] {
             match self {
                 Self::Standalone(connection) => {
@@ -417,6 +424,7 @@ impl RedisStoreBuilder {
             .await
             .map_err(|error| context("cannot load the store's Lua scripts", error))?;
         let notifier = CompletionNotifier::new();
+        let forgets = ForgetSender::default();
         let channel = format!("{prefix}:completed");
         // Subscribed before the store is handed out: a completion published by another process
         // right after `connect` returns already reaches this one.
@@ -424,6 +432,7 @@ impl RedisStoreBuilder {
             subscriber_nodes,
             channel.clone(),
             notifier.clone(),
+            forgets.clone(),
             self.connection_timeout.max(self.response_timeout),
         )
         .start()
@@ -435,6 +444,7 @@ impl RedisStoreBuilder {
                 key_prefix: format!("{prefix}:"),
                 channel,
                 notifier,
+                forgets,
                 response_timeout: self.response_timeout,
                 listener,
             }),
@@ -609,6 +619,18 @@ impl IdempotencyStore for RedisStore {
             .arg(in_flight_key_ttl(lease));
         let reply = self.invoke("renew", &invocation).await?;
         lease_outcome("renew", reply)
+    }
+
+    async fn inspect(&self, key: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {
+        self.inspect_record(key).await
+    }
+
+    async fn forget(&self, key: &RecordKey, force: bool) -> Result<Forgotten, StoreError> {
+        self.forget_record(key, force).await
+    }
+
+    fn forget_feed(&self) -> Option<ForgetFeed> {
+        Some(self.inner.forgets.feed())
     }
 
     fn subscribe(&self, key: &RecordKey) -> Subscription {
