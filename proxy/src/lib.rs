@@ -24,6 +24,7 @@
 pub mod admin;
 pub mod body_timeout;
 pub mod config;
+pub mod pool;
 pub mod reload;
 pub mod report;
 pub mod server;
