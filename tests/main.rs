@@ -17,6 +17,7 @@ mod http2_upstream;
 mod lease;
 mod lifecycle;
 mod paths;
+mod pool;
 mod proxy;
 mod redis;
 mod stores;
