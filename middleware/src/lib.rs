@@ -153,7 +153,7 @@ pub mod store;
 pub mod telemetry;
 
 pub use idempotency::{
-    BodyTimeout, Idempotency, IdempotencyLayer, LeasesInFlight, OutcomeUnknown, RequestBody,
+    BodyTimeout, Idempotency, IdempotencyLayer, LeasesInFlight, OutcomeUnknown, ReplayCacheLimits, RequestBody,
     ResponseBody, ResponseFuture, ScopeFn,
 };
 pub use lease::{Checkpoint, CheckpointError, Lease};

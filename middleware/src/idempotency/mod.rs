@@ -8,6 +8,7 @@ mod callers;
 mod future;
 mod layer;
 mod leases;
+mod replay_cache;
 mod service;
 
 pub use body::{RequestBody, ResponseBody};
@@ -15,4 +16,5 @@ pub use body_timeout::BodyTimeout;
 pub use future::ResponseFuture;
 pub use layer::{IdempotencyLayer, ScopeFn};
 pub use leases::LeasesInFlight;
+pub use replay_cache::ReplayCacheLimits;
 pub use service::{Idempotency, OutcomeUnknown};

@@ -20,6 +20,7 @@ use super::body_timeout::BodyTimeout;
 use super::callers::CallerPermit;
 use super::future::ResponseFuture;
 use super::layer::Shared;
+use super::replay_cache::Cached;
 use crate::BoxError;
 use crate::fingerprint::Fingerprint;
 use crate::headers::IDEMPOTENT_REPLAYED;
@@ -301,7 +302,7 @@ impl<St: IdempotencyStore> Keyed<St> {
         match self.begin(&fingerprint).await {
             Ok(Begun::Acquired(granted)) => {
                 m::outcome(m::Outcome::Executed);
-                self.execute(inner, body, granted).await
+                self.execute(inner, body, granted, fingerprint).await
             }
             Ok(Begun::Answered(response)) => Ok(response),
             Err(error) => match self.policy.on_store_error {
@@ -404,6 +405,17 @@ impl<St: IdempotencyStore> Keyed<St> {
 
     /// Takes the lease, or answers from the record: replay, `422`, `409`, or after waiting.
     async fn begin<B>(&self, fingerprint: &Fingerprint) -> Result<Begun<B>, StoreError> {
+        if let Some(cached) = self
+            .shared
+            .replay_cache
+            .as_ref()
+            .and_then(|cache| cache.get(&self.record_key, fingerprint))
+        {
+            return Ok(Begun::Answered(match cached {
+                Cached::Replay(stored) => self.replay(stored),
+                Cached::Mismatch => self.mismatch(),
+            }));
+        }
         let subscription = (self.policy.on_conflict == OnConflict::Wait)
             .then(|| self.shared.store.subscribe(&self.record_key));
         let deadline = Instant::now() + self.policy.wait_timeout;
@@ -418,25 +430,10 @@ impl<St: IdempotencyStore> Keyed<St> {
                     attempt,
                     recovery_point,
                 } => return Ok(Begun::Acquired((token, attempt, recovery_point))),
-                Begin::Completed(stored) => {
-                    m::outcome(m::Outcome::Replayed);
-                    let mut response = stored.into_response(ResponseBody::full);
-                    response.headers_mut().insert(
-                        IDEMPOTENT_REPLAYED.clone(),
-                        HeaderValue::from_static("true"),
-                    );
-                    return Ok(Begun::Answered(response));
-                }
-                Begin::Mismatch => {
-                    m::outcome(m::Outcome::Mismatch);
-                    return Ok(Begun::Answered(problem(Problem::new(
-                        ProblemKind::KeyReused,
-                        format!(
-                            "this `{}` was already used for a different request",
-                            self.policy.header
-                        ),
-                    ))));
-                }
+                // Hook for the replay cache: once `Begin::Completed` carries the record's expiry,
+                // a replay read from the store can be cached here too (see `ReplayCache`).
+                Begin::Completed(stored) => return Ok(Begun::Answered(self.replay(stored))),
+                Begin::Mismatch => return Ok(Begun::Answered(self.mismatch())),
                 Begin::InFlight => {
                     let now = Instant::now();
                     if let Some(completed) = completed.filter(|_| now < deadline) {
@@ -470,6 +467,27 @@ impl<St: IdempotencyStore> Keyed<St> {
         }
     }
 
+    fn replay<B>(&self, stored: StoredResponse) -> Response<ResponseBody<B>> {
+        m::outcome(m::Outcome::Replayed);
+        let mut response = stored.into_response(ResponseBody::full);
+        response.headers_mut().insert(
+            IDEMPOTENT_REPLAYED.clone(),
+            HeaderValue::from_static("true"),
+        );
+        response
+    }
+
+    fn mismatch<B>(&self) -> Response<ResponseBody<B>> {
+        m::outcome(m::Outcome::Mismatch);
+        problem(Problem::new(
+            ProblemKind::KeyReused,
+            format!(
+                "this `{}` was already used for a different request",
+                self.policy.header
+            ),
+        ))
+    }
+
     /// Runs the request under the lease. It runs in the client's task, but a client that goes
     /// away does not cancel it: the unfinished work moves to a task of its own, and the response
     /// is still stored for the retry.
@@ -478,6 +496,7 @@ impl<St: IdempotencyStore> Keyed<St> {
         inner: S,
         body: Bytes,
         granted: Granted,
+        fingerprint: Fingerprint,
     ) -> Result<Response<ResponseBody<ResB>>, S::Error>
     where
         S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Send + 'static,
@@ -502,6 +521,7 @@ impl<St: IdempotencyStore> Keyed<St> {
             self.policy,
             self.record_key,
             token,
+            fingerprint,
             self.permit,
         );
         let request = Request::from_parts(parts, RequestBody::buffered(body));
@@ -612,6 +632,8 @@ struct Lease<St: IdempotencyStore> {
     policy: Arc<Policy>,
     key: RecordKey,
     token: LeaseToken,
+    /// The request's, for the replay cache.
+    fingerprint: Fingerprint,
     settled: bool,
     _permit: Option<CallerPermit>,
 }
@@ -622,6 +644,7 @@ impl<St: IdempotencyStore> Lease<St> {
         policy: Arc<Policy>,
         key: RecordKey,
         token: LeaseToken,
+        fingerprint: Fingerprint,
         permit: Option<CallerPermit>,
     ) -> Self {
         m::lease_acquired();
@@ -631,6 +654,7 @@ impl<St: IdempotencyStore> Lease<St> {
             policy,
             key,
             token,
+            fingerprint,
             settled: false,
             _permit: permit,
         }
@@ -762,6 +786,7 @@ impl<St: IdempotencyStore> Lease<St> {
             policy: self.policy.clone(),
             key: self.key,
             token: self.token,
+            fingerprint: self.fingerprint,
             settled: self.settled,
             _permit: self._permit.take(),
         };
@@ -775,6 +800,8 @@ impl<St: IdempotencyStore> Lease<St> {
         let stored = StoredResponse::new(parts.status, parts.headers.clone(), body);
         let mut backoff = Duration::from_millis(50);
         for attempt in 1..=COMPLETE_ATTEMPTS {
+            // Before the call: the record's ttl runs from some moment after this one.
+            let mark = self.shared.replay_cache.as_ref().map(|cache| cache.mark());
             let store = self.shared.store();
             let result = self
                 .shared
@@ -786,6 +813,9 @@ impl<St: IdempotencyStore> Lease<St> {
                 .await;
             match result {
                 Ok(()) => {
+                    if let (Some(cache), Some(mark)) = (&self.shared.replay_cache, mark) {
+                        cache.fill(mark, self.key, self.fingerprint, &stored, self.policy.ttl);
+                    }
                     self.settle();
                     return;
                 }
