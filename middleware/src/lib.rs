@@ -153,8 +153,8 @@ pub mod store;
 pub mod telemetry;
 
 pub use idempotency::{
-    BodyTimeout, Idempotency, IdempotencyLayer, LeasesInFlight, OutcomeUnknown, ReplayCacheLimits, RequestBody,
-    ResponseBody, ResponseFuture, ScopeFn,
+    BodyTimeout, Idempotency, IdempotencyLayer, LeasesInFlight, OutcomeUnknown, ReplayCacheLimits,
+    RequestBody, ResponseBody, ResponseFuture, ScopeFn,
 };
 pub use lease::{Checkpoint, CheckpointError, Lease};
 pub use policy::{Anonymous, OnConflict, OnStoreError, PathPattern, Policy, Routes};

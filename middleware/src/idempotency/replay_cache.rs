@@ -84,10 +84,7 @@ struct Entry {
 impl ReplayCache {
     /// A cache for `store`, or `None` when the limits turn it off or the store cannot report
     /// forgets.
-    pub(crate) fn new<St: IdempotencyStore>(
-        store: &St,
-        limits: ReplayCacheLimits,
-    ) -> Option<Self> {
+    pub(crate) fn new<St: IdempotencyStore>(store: &St, limits: ReplayCacheLimits) -> Option<Self> {
         if limits.max_entries == 0 || limits.max_bytes == 0 {
             return None;
         }
@@ -307,7 +304,10 @@ mod tests {
     #[test]
     fn replays_the_same_request_and_refuses_another() {
         let (cache, _feed) = cache(ROOMY);
-        let (same, other) = (Fingerprint::from_bytes([1; 32]), Fingerprint::from_bytes([2; 32]));
+        let (same, other) = (
+            Fingerprint::from_bytes([1; 32]),
+            Fingerprint::from_bytes([2; 32]),
+        );
         cache.fill(cache.mark(), key(1), same, &response("ok"), HOUR);
         assert!(matches!(cache.get(&key(1), &same), Some(Cached::Replay(r)) if r.body == "ok"));
         assert!(matches!(cache.get(&key(1), &other), Some(Cached::Mismatch)));
@@ -318,7 +318,13 @@ mod tests {
     fn an_expired_record_is_never_replayed() {
         let (cache, _feed) = cache(ROOMY);
         let fingerprint = Fingerprint::from_bytes([1; 32]);
-        cache.fill(cache.mark(), key(1), fingerprint, &response("ok"), Duration::ZERO);
+        cache.fill(
+            cache.mark(),
+            key(1),
+            fingerprint,
+            &response("ok"),
+            Duration::ZERO,
+        );
         assert!(cache.get(&key(1), &fingerprint).is_none());
         assert_eq!(cache.len(), 0, "dropped when found expired");
     }
@@ -363,11 +369,17 @@ mod tests {
         for n in 1..=3 {
             cache.fill(cache.mark(), key(n), fingerprint, &response("ok"), HOUR);
         }
-        assert!(cache.get(&key(1), &fingerprint).is_none(), "the oldest goes");
+        assert!(
+            cache.get(&key(1), &fingerprint).is_none(),
+            "the oldest goes"
+        );
         assert!(cache.get(&key(3), &fingerprint).is_some());
         let big = StoredResponse::new(StatusCode::OK, HeaderMap::new(), vec![b'x'; 500].into());
         cache.fill(cache.mark(), key(4), fingerprint, &big, HOUR);
-        assert!(cache.get(&key(4), &fingerprint).is_none(), "too large to cache");
+        assert!(
+            cache.get(&key(4), &fingerprint).is_none(),
+            "too large to cache"
+        );
         cache.fill(cache.mark(), key(5), fingerprint, &response("ok"), HOUR);
         assert_eq!(cache.len(), 2);
     }
