@@ -19,6 +19,7 @@ mod lease;
 mod lifecycle;
 mod operators;
 mod paths;
+mod pool;
 mod proxy;
 mod records;
 mod redis;

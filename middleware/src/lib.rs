@@ -155,7 +155,8 @@ pub mod telemetry;
 
 pub use idempotency::{
     BodyTimeout, Idempotency, IdempotencyLayer, LateOutcome, LeasesInFlight, OutcomeHook,
-    OutcomeUnknown, Records, RecordsError, RequestBody, ResponseBody, ResponseFuture, ScopeFn,
+    OutcomeUnknown, Records, RecordsError, ReplayCacheLimits, RequestBody, ResponseBody,
+    ResponseFuture, ScopeFn,
 };
 pub use lease::{Checkpoint, CheckpointError, CompletedByHandler, Lease};
 pub use policy::{Anonymous, Mode, OnConflict, OnStoreError, PathPattern, Policy, Routes};

@@ -189,6 +189,15 @@ pub struct StoreConfig {
     /// when the proxy's database role may not change the schema.
     #[serde(default = "defaults::auto_migrate")]
     pub auto_migrate: bool,
+    /// Most bytes (bodies, headers, bookkeeping) of completed records this process keeps to
+    /// answer replays without a store call. `0`, the default, turns the replay cache off; set it
+    /// together with `replay_cache_entries`. Only stores that report forgets to every process
+    /// can use it: for the others the cache stays off (with a warning at start).
+    #[serde(default)]
+    pub replay_cache_bytes: ByteSize,
+    /// Most completed records kept in the replay cache; `0`, the default, turns it off.
+    #[serde(default)]
+    pub replay_cache_entries: usize,
 }
 
 impl Default for StoreConfig {
@@ -206,6 +215,8 @@ impl Default for StoreConfig {
             reaper_batch: None,
             prefix: None,
             auto_migrate: true,
+            replay_cache_bytes: ByteSize::b(0),
+            replay_cache_entries: 0,
         }
     }
 }
@@ -749,6 +760,25 @@ impl Config {
         if store.poll_interval.is_zero() {
             return Err(problem(key("poll_interval"), "must be positive"));
         }
+        match (
+            store.replay_cache_bytes.as_u64(),
+            store.replay_cache_entries,
+        ) {
+            (0, 0) => {}
+            (0, _) => {
+                return Err(problem(
+                    key("replay_cache_bytes"),
+                    "must be positive when replay_cache_entries is set (both 0: no replay cache)",
+                ));
+            }
+            (_, 0) => {
+                return Err(problem(
+                    key("replay_cache_entries"),
+                    "must be positive when replay_cache_bytes is set (both 0: no replay cache)",
+                ));
+            }
+            _ => {}
+        }
         let url_scheme = |schemes: &[&str]| -> Result<(), Problem> {
             let Some(url) = store.url.as_deref().filter(|url| !url.is_empty()) else {
                 return Err(problem(
@@ -1248,6 +1278,28 @@ upstream = "http://127.0.0.1:3000"
         assert_eq!(
             config.routes().expect("routes").default_policy(),
             &Policy::default()
+        );
+    }
+
+    #[test]
+    fn the_replay_cache_needs_both_bounds() {
+        let config = parse(&format!(
+            "{MINIMAL}\n[store]\nreplay_cache_bytes = \"64MiB\"\nreplay_cache_entries = 1000\n"
+        ))
+        .expect("both bounds");
+        assert_eq!(config.store.replay_cache_bytes, ByteSize::mib(64));
+        assert_eq!(config.store.replay_cache_entries, 1000);
+        assert_eq!(
+            parse(MINIMAL).expect("minimal").store.replay_cache_entries,
+            0
+        );
+        let (key, _, message) = error(&format!(
+            "{MINIMAL}\n[store]\nreplay_cache_entries = 1000\n"
+        ));
+        assert_eq!(
+            key.as_deref(),
+            Some("store.replay_cache_bytes"),
+            "{message}"
         );
     }
 

@@ -25,6 +25,7 @@ pub mod admin;
 pub mod admin_records;
 pub mod body_timeout;
 pub mod config;
+pub mod pool;
 pub mod records;
 pub mod reload;
 pub mod report;

@@ -14,7 +14,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tower::{Layer, ServiceExt};
-use tower_idempotency::{ClientIp, IdempotencyLayer};
+use tower_idempotency::{ClientIp, IdempotencyLayer, ReplayCacheLimits};
 
 use crate::config::Config;
 use crate::reload::ConfigFile;
@@ -79,7 +79,19 @@ async fn serve(
     let layer = IdempotencyLayer::new(store.clone())
         .routes(routes)
         .store_timeout(config.store.timeout)
-        .poll_interval(config.store.poll_interval);
+        .poll_interval(config.store.poll_interval)
+        .replay_cache(ReplayCacheLimits {
+            max_entries: config.store.replay_cache_entries,
+            max_bytes: usize::try_from(config.store.replay_cache_bytes.as_u64())
+                .unwrap_or(usize::MAX),
+        });
+    if config.store.replay_cache_entries > 0 && !layer.replay_cache_enabled() {
+        tracing::warn!(
+            store = config.store.backend.as_str(),
+            "this store cannot report forgotten records to every process; the replay cache \
+             (replay_cache_bytes, replay_cache_entries) stays off"
+        );
+    }
     let service = layer.layer(Upstream::new(&config.upstream(), &config.proxy));
     // Installed before the listeners announce themselves: until then SIGHUP would kill.
     let mut hangups = file

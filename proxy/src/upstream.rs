@@ -16,10 +16,7 @@ use http::{HeaderMap, HeaderName, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use hyper_util::rt::TokioIo;
 use tower::Service;
 use tower_idempotency::headers::remove_hop_by_hop;
 use tower_idempotency::lease::{Lease, remove_lease_headers};
@@ -28,6 +25,7 @@ use tower_idempotency::{LateOutcome, OutcomeUnknown, RequestBody};
 
 use crate::body_timeout::IdleTimeout;
 use crate::config::ProxyConfig;
+use crate::pool::{Pool, PoolSettings, PooledBody};
 use crate::telemetry;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -36,7 +34,7 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 
 /// The body of a response from [`Upstream`]: the upstream's own (failing when it stalls past
 /// `upstream_body_timeout`), or a problem answer.
-pub type UpstreamBody = Either<IdleTimeout<Incoming>, Full<Bytes>>;
+pub type UpstreamBody = Either<IdleTimeout<PooledBody<RequestBody<Incoming>>>, Full<Bytes>>;
 
 /// The address of the client a request came from, set per connection.
 #[derive(Debug, Clone)]
@@ -56,11 +54,15 @@ impl ClientAddr {
     }
 }
 
-/// A service that forwards requests to the upstream.
+/// A service that forwards requests to the upstream; a clone shares its connections.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<UpstreamConnector, RequestBody<Incoming>>,
-    target: Arc<Target>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    pool: Pool<RequestBody<Incoming>>,
+    target: Target,
 }
 
 struct Target {
@@ -80,20 +82,13 @@ struct Target {
 impl Upstream {
     /// A client for `upstream` with the pool and timeout settings of `config`.
     pub fn new(upstream: &Uri, config: &ProxyConfig) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .pool_max_idle_per_host(config.pool_max_idle)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .http2_only(config.upstream_http2)
-            .build(UpstreamConnector {
-                http: connector,
-                upstream: upstream.clone(),
-            });
+        let pool = Pool::new(PoolSettings {
+            upstream: upstream.clone(),
+            connect_timeout: config.connect_timeout,
+            idle_timeout: config.pool_idle_timeout,
+            max_idle: config.pool_max_idle,
+            http2: config.upstream_http2,
+        });
         let authority = upstream
             .authority()
             .cloned()
@@ -101,16 +96,18 @@ impl Upstream {
         let host = HeaderValue::from_str(authority.as_str())
             .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
         Self {
-            client,
-            target: Arc::new(Target {
-                scheme: upstream.scheme().cloned().unwrap_or(Scheme::HTTP),
-                authority,
-                host,
-                base_path: upstream.path().trim_end_matches('/').to_owned(),
-                timeout: config.upstream_timeout,
-                body_timeout: config.upstream_body_timeout(),
-                preserve_host: config.preserve_host,
-                http2: config.upstream_http2,
+            shared: Arc::new(Shared {
+                pool,
+                target: Target {
+                    scheme: upstream.scheme().cloned().unwrap_or(Scheme::HTTP),
+                    authority,
+                    host,
+                    base_path: upstream.path().trim_end_matches('/').to_owned(),
+                    timeout: config.upstream_timeout,
+                    body_timeout: config.upstream_body_timeout(),
+                    preserve_host: config.preserve_host,
+                    http2: config.upstream_http2,
+                },
             }),
         }
     }
@@ -126,13 +123,16 @@ impl Service<Request<RequestBody<Incoming>>> for Upstream {
     }
 
     fn call(&mut self, request: Request<RequestBody<Incoming>>) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move { Ok(this.forward(request).await) })
+        let shared = self.shared.clone();
+        Box::pin(async move { Ok(shared.forward(request).await) })
     }
 }
 
-impl Upstream {
-    async fn forward(self, mut request: Request<RequestBody<Incoming>>) -> Response<UpstreamBody> {
+impl Shared {
+    async fn forward(
+        self: Arc<Self>,
+        mut request: Request<RequestBody<Incoming>>,
+    ) -> Response<UpstreamBody> {
         // The idempotency layer refuses upgrades on the methods it covers: what arrives here with
         // one is a request the layer passes through untouched, as any reverse proxy would.
         let client_side = is_upgrade(request.version(), request.headers())
@@ -158,7 +158,8 @@ impl Upstream {
         let started = Instant::now();
         // Pinned here rather than inside the timeout, so that a call that times out can be handed
         // on to the idempotency layer, which keeps waiting for its late result.
-        let mut call = Box::pin(self.client.request(request));
+        let sender = self.clone();
+        let mut call = Box::pin(async move { sender.pool.send(request).await });
         let outcome = tokio::time::timeout(self.target.timeout, &mut call).await;
         match outcome {
             Ok(Ok(mut response)) => {
@@ -185,7 +186,7 @@ impl Upstream {
                 );
                 // A failure to connect means the request never left: safe to run again. Any
                 // later failure may have hit after the upstream acted on it.
-                let sent = !error.is_connect();
+                let sent = !error.is_not_sent();
                 mark_unknown(problem.documented(&docs).into_response(problem_body), sent)
             }
             Err(_) => {
@@ -199,12 +200,13 @@ impl Upstream {
                     ),
                 );
                 // The upstream may still be working on it: the layer awaits its late answer.
-                let mut response = mark_unknown(problem.documented(&docs).into_response(problem_body), true);
+                let mut response =
+                    mark_unknown(problem.documented(&docs).into_response(problem_body), true);
                 let body_timeout = self.target.body_timeout;
                 let late = async move {
                     let mut response = call.await?;
                     remove_hop_by_hop(response.headers_mut());
-                    Ok::<_, hyper_util::client::legacy::Error>(
+                    Ok::<_, crate::pool::SendError>(
                         response.map(|body| IdleTimeout::new(body, body_timeout)),
                     )
                 };
@@ -241,14 +243,23 @@ impl Target {
                     .map_err(|_| invalid_target())?
             }
         };
-        parts.uri = Uri::from_parts({
-            let mut uri = http::uri::Parts::default();
-            uri.scheme = Some(self.scheme.clone());
-            uri.authority = Some(self.authority.clone());
-            uri.path_and_query = Some(path_and_query);
-            uri
-        })
-        .map_err(|_| invalid_target())?;
+        parts.uri = if !self.http2 && parts.method == http::Method::CONNECT {
+            // HTTP/1.1 sends CONNECT in authority form.
+            Uri::from(self.authority.clone())
+        } else if !self.http2 {
+            // HTTP/1.1 sends the origin form: the connection already names the upstream.
+            Uri::from(path_and_query)
+        } else {
+            // HTTP/2 takes `:scheme` and `:authority` from an absolute URI.
+            Uri::from_parts({
+                let mut uri = http::uri::Parts::default();
+                uri.scheme = Some(self.scheme.clone());
+                uri.authority = Some(self.authority.clone());
+                uri.path_and_query = Some(path_and_query);
+                uri
+            })
+            .map_err(|_| invalid_target())?
+        };
 
         let headers = &mut parts.headers;
         let protocol = is_upgrade(parts.version, headers)
@@ -344,29 +355,6 @@ fn as_authority(host: &HeaderValue) -> Option<Authority> {
     Authority::try_from(host.as_bytes()).ok()
 }
 
-/// Dials the upstream whatever authority a request's URI names: over HTTP/2 the URI's authority
-/// is what the upstream sees as the host, and with preserve_host it is the client's.
-#[derive(Clone)]
-struct UpstreamConnector {
-    http: HttpConnector,
-    upstream: Uri,
-}
-
-impl Service<Uri> for UpstreamConnector {
-    type Response = TokioIo<TcpStream>;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.http.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, _requested: Uri) -> Self::Future {
-        let connecting = self.http.call(self.upstream.clone());
-        Box::pin(async move { connecting.await.map_err(Into::into) })
-    }
-}
-
 fn problem_body(json: Bytes) -> UpstreamBody {
     Either::Right(Full::new(json))
 }
@@ -431,7 +419,7 @@ mod tests {
         let rewritten = target("http://127.0.0.1:3000/api/", false)
             .rewrite(request())
             .expect("rewrite");
-        assert_eq!(rewritten.uri(), "http://127.0.0.1:3000/api/pay?x=1");
+        assert_eq!(rewritten.uri(), "/api/pay?x=1", "origin form over HTTP/1.1");
         let headers = rewritten.headers();
         assert_eq!(headers["host"], "127.0.0.1:3000");
         assert_eq!(headers["x-forwarded-host"], "public.example");
@@ -447,7 +435,7 @@ mod tests {
         let rewritten = target("http://127.0.0.1:3000", true)
             .rewrite(request())
             .expect("rewrite");
-        assert_eq!(rewritten.uri(), "http://127.0.0.1:3000/pay?x=1");
+        assert_eq!(rewritten.uri(), "/pay?x=1");
         assert_eq!(rewritten.headers()["host"], "public.example");
     }
 

@@ -9,6 +9,7 @@ use super::Idempotency;
 use super::callers::Callers;
 use super::leases::LeasesInFlight;
 use super::outcome::OutcomeHook;
+use super::replay_cache::{ReplayCache, ReplayCacheLimits};
 use crate::policy::{PathPattern, Policy, Routes};
 use crate::scope::Scope;
 use crate::store::IdempotencyStore;
@@ -47,6 +48,8 @@ pub(crate) struct Shared<St> {
     pub(crate) on_outcome: Option<OutcomeHook>,
     pub(crate) store_timeout: Duration,
     pub(crate) poll_interval: Duration,
+    /// Completed records answering replays without a store call; `None` when off.
+    pub(crate) replay_cache: Option<Arc<ReplayCache>>,
 }
 
 impl<St> Clone for Shared<St> {
@@ -60,6 +63,7 @@ impl<St> Clone for Shared<St> {
             on_outcome: self.on_outcome.clone(),
             store_timeout: self.store_timeout,
             poll_interval: self.poll_interval,
+            replay_cache: self.replay_cache.clone(),
         }
     }
 }
@@ -79,6 +83,7 @@ impl<St> fmt::Debug for IdempotencyLayer<St> {
             .field("custom_scope", &self.shared.scope.is_some())
             .field("store_timeout", &self.shared.store_timeout)
             .field("poll_interval", &self.shared.poll_interval)
+            .field("replay_cache", &self.shared.replay_cache.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -101,6 +106,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
                 on_outcome: None,
                 store_timeout: Duration::from_secs(5),
                 poll_interval: Duration::from_secs(1),
+                replay_cache: None,
             }),
         }
     }
@@ -206,6 +212,26 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     pub fn poll_interval(mut self, interval: Duration) -> Self {
         self.shared_mut().poll_interval = interval.max(Duration::from_millis(1));
         self
+    }
+
+    /// Answers replays from an in-process cache of completed records, bounded by `limits`, instead
+    /// of a store call. Off by default, and stays off for a store whose
+    /// [`forget_feed`](IdempotencyStore::forget_feed) is `None`: a cached record must be dropped
+    /// when any process sharing the store forgets it. Only records this process completed are
+    /// cached, each until the record's `ttl` counted from before the store call that completed
+    /// it, so a cached copy never outlives its record; a retry with another request under the
+    /// same key gets `422` as from the store. A forget made by another process reaches this cache
+    /// as fast as the store's notification (PostgreSQL `NOTIFY`, Redis pub/sub) arrives.
+    #[must_use]
+    pub fn replay_cache(mut self, limits: ReplayCacheLimits) -> Self {
+        let cache = ReplayCache::new(&*self.shared.store, limits).map(Arc::new);
+        self.shared_mut().replay_cache = cache;
+        self
+    }
+
+    /// Whether replays are answered from an in-process cache (see [`Self::replay_cache`]).
+    pub fn replay_cache_enabled(&self) -> bool {
+        self.shared.replay_cache.is_some()
     }
 
     /// The routes in effect.

@@ -12,6 +12,7 @@ mod leases;
 mod observe;
 mod outcome;
 mod records;
+mod replay_cache;
 mod service;
 
 pub use body::{RequestBody, ResponseBody};
@@ -22,4 +23,5 @@ pub use layer::{IdempotencyLayer, ScopeFn};
 pub use leases::LeasesInFlight;
 pub use outcome::OutcomeHook;
 pub use records::{Records, RecordsError};
+pub use replay_cache::ReplayCacheLimits;
 pub use service::{Idempotency, OutcomeUnknown};

@@ -21,6 +21,7 @@ use super::callers::CallerPermit;
 use super::future::ResponseFuture;
 use super::late::{self, LateOutcome};
 use super::layer::Shared;
+use super::replay_cache::Cached;
 use super::{observe, outcome};
 use crate::BoxError;
 use crate::fingerprint::Fingerprint;
@@ -391,7 +392,7 @@ impl<St: IdempotencyStore> Keyed<St> {
         let observed = match self.begin(&fingerprint).await {
             Ok(Begun::Acquired(granted)) => {
                 m::outcome(Outcome::Executed);
-                let response = self.execute(inner, body, granted).await?;
+                let response = self.execute(inner, body, granted, fingerprint).await?;
                 return Ok(outcome::tagged(response, Outcome::Executed));
             }
             Ok(Begun::Answered(response)) => return Ok(response),
@@ -510,6 +511,19 @@ impl<St: IdempotencyStore> Keyed<St> {
     /// Takes the lease, or answers from the record: replay, `422`, `409`, or after waiting.
     async fn begin<B>(&self, fingerprint: &Fingerprint) -> Result<Begun<B>, StoreError> {
         let observing = self.policy.mode == Mode::Observe;
+        if let Some(cached) = self
+            .shared
+            .replay_cache
+            .as_ref()
+            .and_then(|cache| cache.get(&self.record_key, fingerprint))
+        {
+            return Ok(match (cached, observing) {
+                (Cached::Replay(_), true) => Begun::Observed(Outcome::ObservedWouldReplay),
+                (Cached::Mismatch, true) => Begun::Observed(Outcome::ObservedWouldMismatch),
+                (Cached::Replay(stored), false) => Begun::Answered(self.replay(stored)),
+                (Cached::Mismatch, false) => Begun::Answered(self.mismatch()),
+            });
+        }
         // Observe mode never waits: the duplicate runs at once, as without the layer.
         let subscription = (self.policy.on_conflict == OnConflict::Wait && !observing)
             .then(|| self.shared.store.subscribe(&self.record_key));
@@ -528,38 +542,13 @@ impl<St: IdempotencyStore> Keyed<St> {
                 Begin::Completed(_) if observing => {
                     return Ok(Begun::Observed(Outcome::ObservedWouldReplay));
                 }
-                Begin::Completed(stored) => {
-                    m::outcome(Outcome::Replayed);
-                    let mut response = stored.into_response(ResponseBody::full);
-                    // Records stored before the header was listed do not replay it either.
-                    for name in &self.policy.replay_drop_headers {
-                        response.headers_mut().remove(name);
-                    }
-                    response.headers_mut().insert(
-                        IDEMPOTENT_REPLAYED.clone(),
-                        HeaderValue::from_static("true"),
-                    );
-                    return Ok(Begun::Answered(outcome::tagged(
-                        response,
-                        Outcome::Replayed,
-                    )));
-                }
+                // Hook for the replay cache: once `Begin::Completed` carries the record's expiry,
+                // a replay read from the store can be cached here too (see `ReplayCache`).
+                Begin::Completed(stored) => return Ok(Begun::Answered(self.replay(stored))),
                 Begin::Mismatch if observing => {
                     return Ok(Begun::Observed(Outcome::ObservedWouldMismatch));
                 }
-                Begin::Mismatch => {
-                    return Ok(Begun::Answered(outcome::refused(
-                        &self.policy,
-                        Outcome::Mismatch,
-                        Problem::new(
-                            ProblemKind::KeyReused,
-                            format!(
-                                "this `{}` was already used for a different request",
-                                self.policy.header
-                            ),
-                        ),
-                    )));
-                }
+                Begin::Mismatch => return Ok(Begun::Answered(self.mismatch())),
                 Begin::InFlight if observing => {
                     return Ok(Begun::Observed(Outcome::ObservedWouldConflict));
                 }
@@ -597,6 +586,36 @@ impl<St: IdempotencyStore> Keyed<St> {
         }
     }
 
+    /// The stored response, as a replay.
+    fn replay<B>(&self, stored: StoredResponse) -> Response<ResponseBody<B>> {
+        m::outcome(Outcome::Replayed);
+        let mut response = stored.into_response(ResponseBody::full);
+        // Records stored before the header was listed do not replay it either.
+        for name in &self.policy.replay_drop_headers {
+            response.headers_mut().remove(name);
+        }
+        response.headers_mut().insert(
+            IDEMPOTENT_REPLAYED.clone(),
+            HeaderValue::from_static("true"),
+        );
+        outcome::tagged(response, Outcome::Replayed)
+    }
+
+    /// `422`: the key was used for another request.
+    fn mismatch<B>(&self) -> Response<ResponseBody<B>> {
+        outcome::refused(
+            &self.policy,
+            Outcome::Mismatch,
+            Problem::new(
+                ProblemKind::KeyReused,
+                format!(
+                    "this `{}` was already used for a different request",
+                    self.policy.header
+                ),
+            ),
+        )
+    }
+
     /// Runs the request under the lease. It runs in the client's task, but a client that goes
     /// away does not cancel it: the unfinished work moves to a task of its own, and the response
     /// is still stored for the retry.
@@ -605,6 +624,7 @@ impl<St: IdempotencyStore> Keyed<St> {
         inner: S,
         body: Bytes,
         granted: Granted,
+        fingerprint: Fingerprint,
     ) -> Result<Response<ResponseBody<ResB>>, S::Error>
     where
         S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Send + 'static,
@@ -630,6 +650,7 @@ impl<St: IdempotencyStore> Keyed<St> {
             self.policy,
             self.record_key,
             token,
+            fingerprint,
             self.permit,
         );
         let request = Request::from_parts(parts, RequestBody::buffered(body));
@@ -742,6 +763,8 @@ pub(super) struct Lease<St: IdempotencyStore> {
     policy: Arc<Policy>,
     key: RecordKey,
     token: LeaseToken,
+    /// The request's, for the replay cache.
+    fingerprint: Fingerprint,
     settled: bool,
     _permit: Option<CallerPermit>,
 }
@@ -752,6 +775,7 @@ impl<St: IdempotencyStore> Lease<St> {
         policy: Arc<Policy>,
         key: RecordKey,
         token: LeaseToken,
+        fingerprint: Fingerprint,
         permit: Option<CallerPermit>,
     ) -> Self {
         m::lease_acquired();
@@ -761,6 +785,7 @@ impl<St: IdempotencyStore> Lease<St> {
             policy,
             key,
             token,
+            fingerprint,
             settled: false,
             _permit: permit,
         }
@@ -931,6 +956,7 @@ impl<St: IdempotencyStore> Lease<St> {
             policy: self.policy.clone(),
             key: self.key,
             token: self.token,
+            fingerprint: self.fingerprint,
             settled: self.settled,
             _permit: self._permit.take(),
         };
@@ -949,6 +975,8 @@ impl<St: IdempotencyStore> Lease<St> {
         let stored = StoredResponse::new(parts.status, headers, body);
         let mut backoff = Duration::from_millis(50);
         for attempt in 1..=COMPLETE_ATTEMPTS {
+            // Before the call: the record's ttl runs from some moment after this one.
+            let mark = self.shared.replay_cache.as_ref().map(|cache| cache.mark());
             let store = self.shared.store();
             let result = self
                 .shared
@@ -960,6 +988,9 @@ impl<St: IdempotencyStore> Lease<St> {
                 .await;
             match result {
                 Ok(()) => {
+                    if let (Some(cache), Some(mark)) = (&self.shared.replay_cache, mark) {
+                        cache.fill(mark, self.key, self.fingerprint, &stored, self.policy.ttl);
+                    }
                     self.settle();
                     return;
                 }
