@@ -154,7 +154,7 @@ pub mod telemetry;
 
 pub use idempotency::{
     BodyTimeout, Idempotency, IdempotencyLayer, LeasesInFlight, OutcomeUnknown, RequestBody,
-    ResponseBody, ResponseFuture, ScopeFn,
+    ResponseBody, ResponseFuture, RouteError, ScopeFn,
 };
 pub use lease::{Checkpoint, CheckpointError, Lease};
 pub use policy::{Anonymous, OnConflict, OnStoreError, PathPattern, Policy, Routes};

@@ -325,7 +325,7 @@ async fn invalid_keys_are_refused_before_anything_runs() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_required_key_that_is_missing_is_refused() {
     let layer = memory().route(
-        "/payments/**".parse().expect("pattern"),
+        "/payments/**",
         Policy::default().with_required(true),
     );
     let app = App::start(layer).await;
@@ -413,11 +413,11 @@ async fn a_client_that_disconnects_still_gets_a_replay_on_retry() {
 async fn routes_get_their_own_policies() {
     let layer = memory()
         .route(
-            "/feed".parse().expect("pattern"),
+            "/feed",
             Policy::default().with_enabled(false),
         )
         .route(
-            "/payments".parse().expect("pattern"),
+            "/payments",
             Policy::default().with_methods(vec![http::Method::POST]),
         );
     let app = App::start(layer).await;
@@ -654,7 +654,7 @@ impl IdempotencyStore for Faulty {
 async fn a_store_outage_rejects_or_forwards_per_route() {
     let store = Faulty::default();
     let layer = IdempotencyLayer::new(store.clone()).route(
-        "/feed".parse().expect("pattern"),
+        "/feed",
         Policy::default().with_on_store_error(OnStoreError::Forward),
     );
     let app = App::start(layer).await;

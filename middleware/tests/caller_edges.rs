@@ -79,11 +79,11 @@ async fn raw_post(addr: SocketAddr, from: u8, target: &str, key: Option<&str>) -
 async fn the_layer_routes_and_hands_on_the_normalised_path() {
     let layer = IdempotencyLayer::new(MemoryStore::new())
         .route(
-            "/feed/**".parse().unwrap(),
+            "/feed/**",
             Policy::default().with_enabled(false),
         )
         .route(
-            "/payments".parse().unwrap(),
+            "/payments",
             Policy::default().with_required(true),
         );
     let (addr, runs) = serve(layer).await;

@@ -65,7 +65,7 @@ async fn list(State(payments): State<Payments>) -> Json<Vec<Payment>> {
 /// The app: payments require a key; responses are kept for a day.
 fn app(store: MemoryStore) -> Router {
     let idempotency = IdempotencyLayer::new(store).route(
-        "/payments".parse().expect("a valid pattern"),
+        "/payments",
         Policy::default().with_required(true),
     );
     Router::new()

@@ -13,6 +13,6 @@ mod service;
 pub use body::{RequestBody, ResponseBody};
 pub use body_timeout::BodyTimeout;
 pub use future::ResponseFuture;
-pub use layer::{IdempotencyLayer, ScopeFn};
+pub use layer::{IdempotencyLayer, RouteError, ScopeFn};
 pub use leases::LeasesInFlight;
 pub use service::{Idempotency, OutcomeUnknown};
