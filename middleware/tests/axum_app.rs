@@ -324,10 +324,7 @@ async fn invalid_keys_are_refused_before_anything_runs() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_required_key_that_is_missing_is_refused() {
-    let layer = memory().route(
-        "/payments/**",
-        Policy::default().with_required(true),
-    );
+    let layer = memory().route("/payments/**", Policy::default().with_required(true));
     let app = App::start(layer).await;
     let reply = app
         .send(app.client.post(format!("{}/payments", app.base)).body("x"))
@@ -412,10 +409,7 @@ async fn a_client_that_disconnects_still_gets_a_replay_on_retry() {
 #[tokio::test(flavor = "multi_thread")]
 async fn routes_get_their_own_policies() {
     let layer = memory()
-        .route(
-            "/feed",
-            Policy::default().with_enabled(false),
-        )
+        .route("/feed", Policy::default().with_enabled(false))
         .route(
             "/payments",
             Policy::default().with_methods(vec![http::Method::POST]),

@@ -64,10 +64,8 @@ async fn list(State(payments): State<Payments>) -> Json<Vec<Payment>> {
 
 /// The app: payments require a key; responses are kept for a day.
 fn app(store: MemoryStore) -> Router {
-    let idempotency = IdempotencyLayer::new(store).route(
-        "/payments",
-        Policy::default().with_required(true),
-    );
+    let idempotency =
+        IdempotencyLayer::new(store).route("/payments", Policy::default().with_required(true));
     Router::new()
         .route("/payments", post(create).get(list))
         .with_state(Payments::default())

@@ -135,7 +135,8 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     #[must_use]
     #[track_caller]
     pub fn policy(self, policy: Policy) -> Self {
-        self.try_policy(policy).unwrap_or_else(|error| panic!("{error}"))
+        self.try_policy(policy)
+            .unwrap_or_else(|error| panic!("{error}"))
     }
 
     /// [`policy`](Self::policy), returning an invalid policy as an error.
@@ -299,5 +300,54 @@ impl<S, St> Layer<S> for IdempotencyLayer<St> {
 
     fn layer(&self, inner: S) -> Self::Service {
         Idempotency::from_shared(inner, self.shared.clone())
+    }
+}
+
+#[cfg(all(test, feature = "memory"))]
+mod tests {
+    use super::*;
+    use crate::MemoryStore;
+
+    fn layer() -> IdempotencyLayer<MemoryStore> {
+        IdempotencyLayer::new(MemoryStore::new())
+    }
+
+    #[test]
+    fn routes_are_strings_matched_in_order() {
+        let layer = layer()
+            .route("/payments/**", Policy::default().with_required(true))
+            .route("/**", Policy::default().with_enabled(false));
+        let routes = layer.routes_in_effect();
+        assert!(routes.policy_for("/payments/7").required);
+        assert!(!routes.policy_for("/feed").enabled);
+    }
+
+    #[test]
+    fn a_bad_pattern_or_policy_is_refused_when_the_layer_is_built() {
+        let bad_pattern = layer().try_route("payments", Policy::default());
+        assert!(matches!(bad_pattern, Err(RouteError::Pattern(_))));
+
+        let short_lease = Policy::default().with_lock_ttl(Duration::from_millis(1));
+        match layer().try_route("/payments", short_lease.clone()) {
+            Err(RouteError::RoutePolicy { path, error }) => {
+                assert_eq!(path, "/payments");
+                assert_eq!(error.field, "lock_ttl");
+            }
+            other => panic!("expected a policy error, got {other:?}"),
+        }
+        assert!(matches!(
+            layer().try_policy(short_lease.clone()),
+            Err(RouteError::Policy(_))
+        ));
+        assert!(matches!(
+            layer().try_routes(Routes::new(short_lease)),
+            Err(RouteError::Policy(_))
+        ));
+    }
+
+    #[test]
+    #[should_panic(expected = "invalid path pattern")]
+    fn route_panics_on_a_bad_pattern() {
+        let _ = layer().route("no-slash", Policy::default());
     }
 }
