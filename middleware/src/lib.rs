@@ -156,7 +156,7 @@ pub mod telemetry;
 pub use idempotency::{
     BodyTimeout, Idempotency, IdempotencyLayer, LateOutcome, LeasesInFlight, OutcomeHook,
     OutcomeUnknown, Records, RecordsError, ReplayCacheLimits, RequestBody, ResponseBody,
-    ResponseFuture, ScopeFn,
+    ResponseFuture, RouteError, ScopeFn,
 };
 pub use lease::{Checkpoint, CheckpointError, CompletedByHandler, Lease};
 pub use policy::{Anonymous, Mode, OnConflict, OnStoreError, PathPattern, Policy, Routes};

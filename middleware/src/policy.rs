@@ -70,6 +70,7 @@ pub enum Anonymous {
 ///
 /// Built with `Policy::default()` and the `with_*` methods; checked with [`Policy::validate`].
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Policy {
     /// Whether the layer acts at all. A disabled route passes every request through untouched.
     pub enabled: bool,

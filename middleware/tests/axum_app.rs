@@ -349,10 +349,7 @@ async fn invalid_keys_are_refused_before_anything_runs() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_required_key_that_is_missing_is_refused() {
-    let layer = memory().route(
-        "/payments/**".parse().expect("pattern"),
-        Policy::default().with_required(true),
-    );
+    let layer = memory().route("/payments/**", Policy::default().with_required(true));
     let app = App::start(layer).await;
     let reply = app
         .send(app.client.post(format!("{}/payments", app.base)).body("x"))
@@ -437,12 +434,9 @@ async fn a_client_that_disconnects_still_gets_a_replay_on_retry() {
 #[tokio::test(flavor = "multi_thread")]
 async fn routes_get_their_own_policies() {
     let layer = memory()
+        .route("/feed", Policy::default().with_enabled(false))
         .route(
-            "/feed".parse().expect("pattern"),
-            Policy::default().with_enabled(false),
-        )
-        .route(
-            "/payments".parse().expect("pattern"),
+            "/payments",
             Policy::default().with_methods(vec![http::Method::POST]),
         );
     let app = App::start(layer).await;
@@ -679,7 +673,7 @@ impl IdempotencyStore for Faulty {
 async fn a_store_outage_rejects_or_forwards_per_route() {
     let store = Faulty::default();
     let layer = IdempotencyLayer::new(store.clone()).route(
-        "/feed".parse().expect("pattern"),
+        "/feed",
         Policy::default().with_on_store_error(OnStoreError::Forward),
     );
     let app = App::start(layer).await;
@@ -897,10 +891,7 @@ async fn every_response_carries_its_outcome_and_the_hook_sees_each_one() {
     let layer = {
         let seen = seen.clone();
         memory()
-            .route(
-                "/feed".parse().unwrap(),
-                Policy::default().with_required(true),
-            )
+            .route("/feed", Policy::default().with_required(true))
             .on_outcome(move |outcome, head| {
                 seen.lock().unwrap().push(outcome);
                 head.headers

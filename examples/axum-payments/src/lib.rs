@@ -68,8 +68,7 @@ impl App {
             .with_required(true)
             .with_lock_ttl(lock_ttl)
             .with_on_conflict(OnConflict::Reject);
-        let layer = IdempotencyLayer::new(self.store.clone())
-            .route("/rides".parse().expect("a valid pattern"), rides);
+        let layer = IdempotencyLayer::new(self.store.clone()).route("/rides", rides);
         Router::new()
             .route("/rides", post(rides::book).get(list))
             .with_state(self)

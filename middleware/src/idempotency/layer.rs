@@ -10,7 +10,7 @@ use super::callers::Callers;
 use super::leases::LeasesInFlight;
 use super::outcome::OutcomeHook;
 use super::replay_cache::{ReplayCache, ReplayCacheLimits};
-use crate::policy::{PathPattern, Policy, Routes};
+use crate::policy::{PathPattern, PatternError, Policy, PolicyError, Routes};
 use crate::scope::Scope;
 use crate::store::IdempotencyStore;
 
@@ -18,6 +18,27 @@ use crate::store::IdempotencyStore;
 /// something other than headers (an authenticated principal in the extensions, a tenant in the
 /// path...).
 pub type ScopeFn = Arc<dyn Fn(&Parts) -> Scope + Send + Sync>;
+
+/// A route or policy the layer refused at build time, so that a mistake surfaces when the app
+/// starts rather than as a silently broken policy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RouteError {
+    /// The path pattern is malformed.
+    #[error(transparent)]
+    Pattern(PatternError),
+    /// The default policy does not validate.
+    #[error("invalid default policy: {0}")]
+    Policy(PolicyError),
+    /// A route's policy does not validate.
+    #[error("invalid policy for route {path:?}: {error}")]
+    RoutePolicy {
+        /// The route's path pattern.
+        path: String,
+        /// What is wrong with its policy.
+        error: PolicyError,
+    },
+}
 
 /// Applies [`Idempotency`] to a service. See the [crate docs](crate) for the request lifecycle.
 ///
@@ -29,7 +50,7 @@ pub type ScopeFn = Arc<dyn Fn(&Parts) -> Scope + Send + Sync>;
 /// let layer = IdempotencyLayer::new(MemoryStore::new())
 ///     .policy(Policy::default().with_ttl(Duration::from_secs(3600)))
 ///     .route(
-///         "/payments/**".parse().unwrap(),
+///         "/payments/**",
 ///         Policy::default().with_required(true).with_on_conflict(OnConflict::Wait),
 ///     );
 /// # drop(layer); }
@@ -116,26 +137,75 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     }
 
     /// Replaces the default policy (routes added so far keep theirs).
+    ///
+    /// # Panics
+    ///
+    /// If the policy does not [validate](Policy::validate); [`try_policy`](Self::try_policy)
+    /// returns the error instead.
     #[must_use]
+    #[track_caller]
     pub fn policy(self, policy: Policy) -> Self {
+        self.try_policy(policy)
+            .unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// [`policy`](Self::policy), returning an invalid policy as an error.
+    pub fn try_policy(self, policy: Policy) -> Result<Self, RouteError> {
+        policy.validate().map_err(RouteError::Policy)?;
         let current = self.shared.routes.current();
         let mut routes = Routes::new(policy).merge_slashes(current.merges_slashes());
         for (pattern, route_policy) in current.iter() {
             routes = routes.route(pattern.clone(), route_policy.clone());
         }
-        self.routes(routes)
+        Ok(self.routes_unchecked(routes))
     }
 
-    /// Adds a per-path policy; the first matching route wins, else the default applies.
+    /// Adds a per-path policy, as axum's `Router::route` adds a handler: `"/payments"` matches
+    /// that path, `*` one segment, a final `**` the rest of the path (see [`PathPattern`]). The
+    /// first matching route wins, else the default policy applies.
+    ///
+    /// # Panics
+    ///
+    /// If `path` is not a valid pattern or the policy does not [validate](Policy::validate);
+    /// [`try_route`](Self::try_route) returns the error instead.
     #[must_use]
-    pub fn route(self, pattern: PathPattern, policy: Policy) -> Self {
+    #[track_caller]
+    pub fn route(self, path: &str, policy: Policy) -> Self {
+        self.try_route(path, policy)
+            .unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// [`route`](Self::route), returning a bad pattern or an invalid policy as an error.
+    pub fn try_route(self, path: &str, policy: Policy) -> Result<Self, RouteError> {
+        let pattern: PathPattern = path.parse().map_err(RouteError::Pattern)?;
+        policy.validate().map_err(|error| RouteError::RoutePolicy {
+            path: path.to_owned(),
+            error,
+        })?;
         let routes = Routes::clone(&self.shared.routes.current()).route(pattern, policy);
-        self.routes(routes)
+        Ok(self.routes_unchecked(routes))
     }
 
     /// Replaces the default policy and every route at once.
+    ///
+    /// # Panics
+    ///
+    /// If a policy does not [validate](Policy::validate); [`try_routes`](Self::try_routes)
+    /// returns the error instead.
     #[must_use]
-    pub fn routes(mut self, routes: Routes) -> Self {
+    #[track_caller]
+    pub fn routes(self, routes: Routes) -> Self {
+        self.try_routes(routes)
+            .unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// [`routes`](Self::routes), returning an invalid policy as an error.
+    pub fn try_routes(self, routes: Routes) -> Result<Self, RouteError> {
+        routes.validate().map_err(RouteError::Policy)?;
+        Ok(self.routes_unchecked(routes))
+    }
+
+    fn routes_unchecked(mut self, routes: Routes) -> Self {
         // A cell of its own: a builder call changes this layer only, never a clone made earlier.
         self.shared_mut().routes = Arc::new(RoutesCell::new(routes));
         self
@@ -146,7 +216,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     #[must_use]
     pub fn merge_slashes(self, merge: bool) -> Self {
         let routes = Routes::clone(&self.shared.routes.current()).merge_slashes(merge);
-        self.routes(routes)
+        self.routes_unchecked(routes)
     }
 
     /// Scopes keys with `scope` instead of the policy's scope headers.
@@ -293,5 +363,54 @@ impl<S, St> Layer<S> for IdempotencyLayer<St> {
 
     fn layer(&self, inner: S) -> Self::Service {
         Idempotency::from_shared(inner, self.shared.clone())
+    }
+}
+
+#[cfg(all(test, feature = "memory"))]
+mod tests {
+    use super::*;
+    use crate::MemoryStore;
+
+    fn layer() -> IdempotencyLayer<MemoryStore> {
+        IdempotencyLayer::new(MemoryStore::new())
+    }
+
+    #[test]
+    fn routes_are_strings_matched_in_order() {
+        let layer = layer()
+            .route("/payments/**", Policy::default().with_required(true))
+            .route("/**", Policy::default().with_enabled(false));
+        let routes = layer.routes_in_effect();
+        assert!(routes.policy_for("/payments/7").required);
+        assert!(!routes.policy_for("/feed").enabled);
+    }
+
+    #[test]
+    fn a_bad_pattern_or_policy_is_refused_when_the_layer_is_built() {
+        let bad_pattern = layer().try_route("payments", Policy::default());
+        assert!(matches!(bad_pattern, Err(RouteError::Pattern(_))));
+
+        let short_lease = Policy::default().with_lock_ttl(Duration::from_millis(1));
+        match layer().try_route("/payments", short_lease.clone()) {
+            Err(RouteError::RoutePolicy { path, error }) => {
+                assert_eq!(path, "/payments");
+                assert_eq!(error.field, "lock_ttl");
+            }
+            other => panic!("expected a policy error, got {other:?}"),
+        }
+        assert!(matches!(
+            layer().try_policy(short_lease.clone()),
+            Err(RouteError::Policy(_))
+        ));
+        assert!(matches!(
+            layer().try_routes(Routes::new(short_lease)),
+            Err(RouteError::Policy(_))
+        ));
+    }
+
+    #[test]
+    #[should_panic(expected = "invalid path pattern")]
+    fn route_panics_on_a_bad_pattern() {
+        let _ = layer().route("no-slash", Policy::default());
     }
 }

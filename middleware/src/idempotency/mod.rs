@@ -19,7 +19,7 @@ pub use body::{RequestBody, ResponseBody};
 pub use body_timeout::BodyTimeout;
 pub use future::ResponseFuture;
 pub use late::LateOutcome;
-pub use layer::{IdempotencyLayer, ScopeFn};
+pub use layer::{IdempotencyLayer, RouteError, ScopeFn};
 pub use leases::LeasesInFlight;
 pub use outcome::OutcomeHook;
 pub use records::{Records, RecordsError};
