@@ -40,12 +40,14 @@ pub use memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "redis")]
 mod redis;
 #[cfg(feature = "redis")]
-pub use redis::{RedisStore, RedisStoreBuilder};
+pub use redis::{RedisStore, RedisStoreBuilder, is_valid_key_prefix};
 
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 mod sql;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub use sql::REAPED_RECORDS_TOTAL;
+#[cfg(feature = "postgres")]
+pub use sql::{InvalidIdentifier, validate_identifier as validate_sql_identifier};
 
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 mod batch;

@@ -32,7 +32,7 @@ const MAX_IDENTIFIER_LEN: usize = 63;
     "invalid {kind} name {name:?}: expected a lowercase SQL identifier of at most 63 bytes \
      matching [a-z_][a-z0-9_]*"
 )]
-pub(crate) struct InvalidIdentifier {
+pub struct InvalidIdentifier {
     kind: &'static str,
     name: String,
 }
@@ -43,7 +43,7 @@ pub(crate) struct InvalidIdentifier {
 /// what makes that safe: a validated name holds no quote, dot, space or other character that
 /// could change a statement's meaning, and it needs no case folding.
 #[cfg(feature = "postgres")]
-pub(crate) fn validate_identifier(kind: &'static str, name: &str) -> Result<(), InvalidIdentifier> {
+pub fn validate_identifier(kind: &'static str, name: &str) -> Result<(), InvalidIdentifier> {
     let mut bytes = name.bytes();
     let valid = name.len() <= MAX_IDENTIFIER_LEN
         && bytes

@@ -763,12 +763,18 @@ fn lease_outcome(script: &'static str, reply: Value) -> Result<(), StoreError> {
     }
 }
 
-fn validate_prefix(prefix: &str) -> Result<&str, StoreError> {
-    let valid = !prefix.is_empty()
+/// Whether `prefix` can start every key name the store writes: not empty, and without
+/// whitespace, control characters or braces (a `{...}` would become a Redis Cluster hash tag and
+/// put every key in one slot).
+pub fn is_valid_key_prefix(prefix: &str) -> bool {
+    !prefix.is_empty()
         && !prefix
             .chars()
-            .any(|c| c.is_whitespace() || c.is_control() || c == '{' || c == '}');
-    if valid {
+            .any(|c| c.is_whitespace() || c.is_control() || c == '{' || c == '}')
+}
+
+fn validate_prefix(prefix: &str) -> Result<&str, StoreError> {
+    if is_valid_key_prefix(prefix) {
         Ok(prefix)
     } else {
         Err(StoreError::backend(ConfigError::InvalidPrefix(
