@@ -246,15 +246,6 @@ impl StoreError {
 ///         self.inner.release(key, token).await
 ///     }
 ///
-///     async fn checkpoint(
-///         &self,
-///         key: &RecordKey,
-///         token: LeaseToken,
-///         checkpoint: &tower_idempotency::Checkpoint,
-///     ) -> Result<(), StoreError> {
-///         self.inner.checkpoint(key, token, checkpoint).await
-///     }
-///
 ///     async fn renew(
 ///         &self,
 ///         key: &RecordKey,
