@@ -536,52 +536,61 @@ async fn writes_queued_while_the_writer_is_busy_share_one_transaction() {
     let sizes = batch_sizes::Sizes::default();
     let store = store_recording(&dir, &sizes).await;
     let lock = hold_write_lock(&dir).await;
-    let calls: Vec<_> = (0..40)
-        .map(|i| {
+    // Forty distinct keys, and the first of them twice more from two fingerprints. The three
+    // calls on that key race, so which one wins is up to the scheduler: exactly one is acquired,
+    // a loser with the winner's fingerprint sees it in flight and one with the other a mismatch.
+    let calls: Vec<_> = (0..40u8)
+        .map(|i| (i, 1u8))
+        .chain([(0, 1), (0, 2)])
+        .map(|(i, tag)| {
             let store = store.clone();
             tokio::spawn(async move {
                 let key = key(&format!("distinct-{i}"));
-                (key, store.begin(&key, &fingerprint(1), LONG).await)
-            })
-        })
-        .collect();
-    // The same key twice more, from two fingerprints: they queue behind the first.
-    let same: Vec<_> = (1..=2u8)
-        .map(|tag| {
-            let store = store.clone();
-            tokio::spawn(async move {
-                store
-                    .begin(&key("distinct-0"), &fingerprint(tag), LONG)
-                    .await
+                (key, tag, store.begin(&key, &fingerprint(tag), LONG).await)
             })
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
     unlock(lock).await;
     let mut leases = Vec::new();
+    let mut same_key = Vec::new();
     for call in calls {
-        let (key, begun) = call.await.expect("task");
-        match begun.expect("begin") {
-            Begin::Acquired { token, .. } => leases.push((key, token)),
-            other => panic!("a fresh key must be acquired: {other:?}"),
+        let (key, tag, begun) = call.await.expect("task");
+        let begun = begun.expect("begin");
+        if key == self::key("distinct-0") {
+            same_key.push((tag, begun));
+        } else if let Begin::Acquired { token, .. } = begun {
+            leases.push((key, tag, token));
+        } else {
+            panic!("a fresh key must be acquired: {begun:?}");
         }
     }
-    let mut tokens: Vec<_> = leases.iter().map(|(_, token)| token.0).collect();
+    let winners: Vec<_> = same_key
+        .iter()
+        .filter_map(|(tag, begun)| match begun {
+            Begin::Acquired { token, .. } => Some((*tag, *token)),
+            _ => None,
+        })
+        .collect();
+    let [(winning_tag, token)] = winners[..] else {
+        panic!("exactly one call on a key is acquired: {same_key:?}");
+    };
+    leases.push((key("distinct-0"), winning_tag, token));
+    for (tag, begun) in &same_key {
+        match begun {
+            Begin::Acquired { .. } => {}
+            Begin::InFlight => assert_eq!(*tag, winning_tag, "{same_key:?}"),
+            Begin::Mismatch => assert_ne!(*tag, winning_tag, "{same_key:?}"),
+            other => panic!("a loser is in flight or a mismatch: {other:?}"),
+        }
+    }
+    let mut tokens: Vec<_> = leases.iter().map(|(_, _, token)| token.0).collect();
     tokens.sort_unstable();
     tokens.dedup();
     assert_eq!(tokens.len(), 40, "every lease has a token of its own");
-    let mut others: Vec<_> = Vec::new();
-    for call in same {
-        others.push(call.await.expect("task").expect("begin"));
-    }
-    assert!(
-        matches!(others[..], [Begin::InFlight, Begin::Mismatch]),
-        "{others:?}"
-    );
-
     let completes: Vec<_> = leases
         .iter()
-        .map(|(key, token)| {
+        .map(|(key, _, token)| {
             let (store, key, token) = (store.clone(), *key, *token);
             tokio::spawn(async move { store.complete(&key, token, &response("ok"), LONG).await })
         })
@@ -589,9 +598,9 @@ async fn writes_queued_while_the_writer_is_busy_share_one_transaction() {
     for complete in completes {
         complete.await.expect("task").expect("complete");
     }
-    for (key, _) in &leases {
+    for (key, tag, _) in &leases {
         assert!(matches!(
-            store.begin(key, &fingerprint(1), LONG).await,
+            store.begin(key, &fingerprint(*tag), LONG).await,
             Ok(Begin::Completed(stored)) if stored.body == "ok".as_bytes()
         ));
     }
