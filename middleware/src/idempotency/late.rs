@@ -24,8 +24,8 @@ use crate::scope::RecordKey;
 use crate::store::{IdempotencyStore, LeaseToken, StoreError};
 use crate::telemetry as m;
 
+use super::held::Lease;
 use super::layer::Shared;
-use super::service::Lease;
 
 type LateResponse = Response<UnsyncBoxBody<Bytes, BoxError>>;
 type LateFuture = BoxFuture<'static, Result<LateResponse, BoxError>>;

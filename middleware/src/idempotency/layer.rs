@@ -1,8 +1,10 @@
 use std::fmt;
+use std::future::Future;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use http::request::Parts;
+use tokio::time::Instant;
 use tower::Layer;
 
 use super::Idempotency;
@@ -12,7 +14,8 @@ use super::outcome::OutcomeHook;
 use super::replay_cache::{ReplayCache, ReplayCacheLimits};
 use crate::policy::{PathPattern, PatternError, Policy, PolicyError, Routes};
 use crate::scope::Scope;
-use crate::store::IdempotencyStore;
+use crate::store::{IdempotencyStore, StoreError};
+use crate::telemetry as m;
 
 /// Derives the caller's [`Scope`] from a request, for apps whose callers are identified by
 /// something other than headers (an authenticated principal in the extensions, a tenant in the
@@ -86,6 +89,29 @@ impl<St> Clone for Shared<St> {
             poll_interval: self.poll_interval,
             replay_cache: self.replay_cache.clone(),
         }
+    }
+}
+
+impl<St: IdempotencyStore> Shared<St> {
+    /// The store itself. Calls go to `St`'s methods rather than through the `Arc<St>`
+    /// forwarding impl, which would box every store future a second time.
+    pub(crate) fn store(&self) -> &St {
+        &self.store
+    }
+
+    /// Runs one store operation under the store timeout, recording its latency and errors.
+    pub(crate) async fn timed<T>(
+        &self,
+        operation: m::Operation,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let started = Instant::now();
+        let result = match tokio::time::timeout(self.store_timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Timeout(self.store_timeout)),
+        };
+        m::store_call(operation, started.elapsed(), &result);
+        result
     }
 }
 

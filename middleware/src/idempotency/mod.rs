@@ -5,7 +5,10 @@
 mod body;
 mod body_timeout;
 mod callers;
+mod detached;
 mod future;
+mod held;
+mod keyed;
 mod late;
 mod layer;
 mod leases;
@@ -14,6 +17,7 @@ mod outcome;
 mod records;
 mod replay_cache;
 mod service;
+mod tee;
 
 pub use body::{RequestBody, ResponseBody};
 pub use body_timeout::BodyTimeout;
