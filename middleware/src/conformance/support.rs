@@ -1,0 +1,88 @@
+//! Helpers shared by the checks: keys and fingerprints, a response that exercises header and body
+//! encoding, `begin` wrappers that fail the check on an unexpected answer, and the margins the
+//! checks wait by.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, StatusCode};
+
+use super::LONG;
+use crate::fingerprint::Fingerprint;
+use crate::lease::Checkpoint;
+use crate::record::StoredResponse;
+use crate::scope::{RecordKey, Scope};
+use crate::store::{Begin, IdempotencyStore, LeaseToken, StoreError};
+
+/// How long after a deadline a check waits before relying on it having passed.
+pub(super) const MARGIN: Duration = Duration::from_millis(300);
+/// How long a notification may take before the check fails.
+pub(super) const NOTIFY_WITHIN: Duration = Duration::from_secs(5);
+
+pub(super) fn key(name: &str) -> RecordKey {
+    RecordKey::new(&Scope::from_bytes(b"conformance"), name.as_bytes())
+}
+
+pub(super) fn fingerprint(tag: u8) -> Fingerprint {
+    Fingerprint::from_bytes([tag; 32])
+}
+
+/// A response with repeated headers, a binary header value and a binary body.
+pub(super) fn response(body: &'static [u8]) -> StoredResponse {
+    let mut headers = HeaderMap::new();
+    headers.append("content-type", HeaderValue::from_static("application/json"));
+    headers.append("set-cookie", HeaderValue::from_static("a=1"));
+    headers.append("set-cookie", HeaderValue::from_static("b=2"));
+    headers.append(
+        "x-binary",
+        HeaderValue::from_bytes(b"\x80\xff").expect("valid header"),
+    );
+    StoredResponse::new(StatusCode::CREATED, headers, Bytes::from_static(body))
+}
+
+pub(super) async fn acquire(
+    store: &impl IdempotencyStore,
+    key: &RecordKey,
+    tag: u8,
+    lock: Duration,
+) -> LeaseToken {
+    match store.begin(key, &fingerprint(tag), lock).await {
+        Ok(Begin::Acquired { token, .. }) => token,
+        other => panic!("expected to acquire a free key, got {other:?}"),
+    }
+}
+
+pub(super) async fn begin(store: &impl IdempotencyStore, key: &RecordKey, tag: u8) -> Begin {
+    store
+        .begin(key, &fingerprint(tag), LONG)
+        .await
+        .unwrap_or_else(|error| panic!("begin failed: {error}"))
+}
+
+/// `begin` that must acquire; returns token, attempt and recovery point.
+pub(super) async fn acquire_run(
+    store: &impl IdempotencyStore,
+    key: &RecordKey,
+    tag: u8,
+    lock: Duration,
+) -> (LeaseToken, u32, Option<Checkpoint>) {
+    match store.begin(key, &fingerprint(tag), lock).await {
+        Ok(Begin::Acquired {
+            token,
+            attempt,
+            recovery_point,
+        }) => (token, attempt, recovery_point),
+        other => panic!("expected to acquire, got {other:?}"),
+    }
+}
+
+pub(super) fn checkpoint(name: &str, data: &[u8]) -> Checkpoint {
+    Checkpoint::new(name, Bytes::copy_from_slice(data)).expect("a valid checkpoint")
+}
+
+pub(super) fn assert_lease_lost(result: Result<(), StoreError>, what: &str) {
+    assert!(
+        matches!(result, Err(StoreError::LeaseLost)),
+        "{what} must be refused with LeaseLost, got {result:?}"
+    );
+}
