@@ -8,6 +8,19 @@ pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-ke
 /// Set to `true` on a response that was replayed from the store rather than produced now.
 pub static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
+/// On a keyed response that was stored (the first one and every replay), how many more whole
+/// seconds the record is kept: a retry within that time replays, a later one may run again.
+/// Delta seconds, like `Retry-After`, so a client's clock does not matter; it counts down on
+/// replays. The name is the one proposed in the IETF httpapi draft's discussion
+/// (ietf-wg-httpapi/idempotency#49, following #35). Turned off by [`Policy::expiry_header`](crate::Policy::expiry_header).
+pub static IDEMPOTENCY_TTL: HeaderName = HeaderName::from_static("idempotency-ttl");
+
+/// The value of [`IDEMPOTENCY_TTL`] for a record kept `left` more: whole seconds, rounded down,
+/// so the client is never told a time the record does not reach.
+pub(crate) fn ttl_value(left: std::time::Duration) -> http::HeaderValue {
+    http::HeaderValue::from(left.as_secs())
+}
+
 /// Headers that describe one connection rather than the message (RFC 9110 section 7.6.1), plus the
 /// obsolete `Proxy-Connection`. A proxy must not forward them, and a stored response must not
 /// replay them onto another connection.

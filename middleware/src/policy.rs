@@ -142,6 +142,10 @@ pub struct Policy {
     /// `set-cookie`). They are dropped when the response is stored: the first response carries
     /// them, the store never holds them. Default none.
     pub replay_drop_headers: Vec<HeaderName>,
+    /// Whether keyed responses that were stored (the first and every replay) carry
+    /// [`Idempotency-TTL`](crate::headers::IDEMPOTENCY_TTL): the whole seconds the record is still
+    /// kept. Default `true`.
+    pub expiry_header: bool,
 }
 
 impl Default for Policy {
@@ -176,6 +180,7 @@ impl Default for Policy {
             problem_type_base: None,
             docs_url: None,
             replay_drop_headers: Vec::new(),
+            expiry_header: true,
         }
     }
 }
@@ -249,6 +254,8 @@ impl Policy {
         with_fingerprint: fingerprint: BodyFingerprint;
         /// Sets [`Policy::replay_drop_headers`].
         with_replay_drop_headers: replay_drop_headers: Vec<HeaderName>;
+        /// Sets [`Policy::expiry_header`].
+        with_expiry_header: expiry_header: bool;
     }
 
     /// Sets [`Policy::problem_type_base`].
@@ -337,6 +344,12 @@ impl Policy {
     /// [`Policy::never_store`]. Any other releases the lease so that a retry runs again.
     pub fn is_storable(&self, status: StatusCode) -> bool {
         !status.is_server_error() && !self.never_store.contains(&status)
+    }
+
+    /// Whether stored responses carry `Idempotency-TTL`: only when enforcing, since an observed
+    /// key is never replayed.
+    pub(crate) fn advertises_expiry(&self) -> bool {
+        self.expiry_header && self.mode == Mode::Enforce
     }
 
     pub(crate) fn covers(&self, method: &Method) -> bool {

@@ -1183,3 +1183,96 @@ async fn the_replay_cache_stays_off_for_a_store_without_a_forget_feed() {
         MemoryStore::new().forget_feed().is_some()
     );
 }
+
+/// The whole seconds `Idempotency-TTL` says the record is still kept.
+fn kept_for(reply: &Reply) -> u64 {
+    let value = reply
+        .headers
+        .get("idempotency-ttl")
+        .unwrap_or_else(|| panic!("expected Idempotency-TTL on {reply:?}"));
+    value.to_str().expect("ascii").parse().expect("seconds")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stored_responses_say_how_long_the_key_is_kept() {
+    let ttl = Policy::default().with_ttl(Duration::from_secs(3));
+    let app = App::start(memory().policy(ttl)).await;
+
+    let first = app.send(app.post("/payments", "t1").body("x")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(kept_for(&first), 2, "3 s less the time storing took");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let replay = app.send(app.post("/payments", "t1").body("x")).await;
+    assert!(replay.replayed());
+    assert_eq!(kept_for(&replay), 1, "counts down on replays");
+
+    // Not stored, so nothing is kept: a 5xx, a streamed body (its head leaves before it is
+    // stored), a conflict and an unkeyed request carry no expiry.
+    let failed = app.send(app.post("/fail", "t2")).await;
+    assert_eq!(failed.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(!failed.headers.contains_key("idempotency-ttl"));
+    let streamed = app.send(app.post("/stream", "t3")).await;
+    assert!(!streamed.headers.contains_key("idempotency-ttl"));
+    let reused = app.send(app.post("/payments", "t1").body("y")).await;
+    assert_eq!(reused.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(!reused.headers.contains_key("idempotency-ttl"));
+    let unkeyed = app
+        .send(app.client.post(format!("{}/payments", app.base)))
+        .await;
+    assert!(!unkeyed.headers.contains_key("idempotency-ttl"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_expiry_header_can_be_turned_off_and_is_never_sent_when_observing() {
+    let off = Policy::default().with_expiry_header(false);
+    let app = App::start(memory().policy(off)).await;
+    let first = app.send(app.post("/payments", "o1").body("x")).await;
+    let replay = app.send(app.post("/payments", "o1").body("x")).await;
+    assert!(replay.replayed());
+    for reply in [&first, &replay] {
+        assert!(!reply.headers.contains_key("idempotency-ttl"), "{reply:?}");
+    }
+
+    let observing = Policy::default().with_mode(tower_idempotency::Mode::Observe);
+    let app = App::start(memory().policy(observing)).await;
+    let first = app.send(app.post("/payments", "o2").body("x")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert!(!first.headers.contains_key("idempotency-ttl"), "{first:?}");
+}
+
+/// A replay read from the store is cached too, until the record's own expiry: a second process
+/// sharing the store answers its later replays in process, with the time counting down.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_replay_cache_keeps_replays_read_from_the_store_until_the_record_expires() {
+    let store = Forgetting::new();
+    let ttl = Policy::default().with_ttl(Duration::from_secs(2));
+    let first = App::start(
+        IdempotencyLayer::from_shared_store(store.clone())
+            .policy(ttl.clone())
+            .replay_cache(CACHE),
+    )
+    .await;
+    let second = App::start(
+        IdempotencyLayer::from_shared_store(store.clone())
+            .policy(ttl)
+            .replay_cache(CACHE),
+    )
+    .await;
+
+    let original = first.send(first.post("/payments", "s1").body("x")).await;
+    assert_eq!(store.begins(), 1);
+    let from_store = second.send(second.post("/payments", "s1").body("x")).await;
+    assert!(from_store.replayed());
+    assert_eq!(from_store.body, original.body);
+    assert_eq!(store.begins(), 2, "the second process read the record once");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let from_cache = second.send(second.post("/payments", "s1").body("x")).await;
+    assert!(from_cache.replayed());
+    assert_eq!(store.begins(), 2, "then answered from its cache");
+    assert_eq!(kept_for(&from_cache), 0, "less than a second left of 2 s");
+
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let expired = second.send(second.post("/payments", "s1").body("x")).await;
+    assert!(!expired.replayed(), "never past the record's expiry");
+    assert_eq!(first.counters.runs() + second.counters.runs(), 2);
+}

@@ -286,8 +286,12 @@ async fn completion_and_release_in_one_process_wake_waiters_in_another() {
         .await
         .expect("a completion in another process must wake the waiter");
     assert_eq!(
-        b.begin(&completed, &fingerprint(1), LONG).await.unwrap(),
-        Begin::Completed(response("done"))
+        b.begin(&completed, &fingerprint(1), LONG)
+            .await
+            .unwrap()
+            .completed()
+            .cloned(),
+        Some(response("done"))
     );
 
     let released = key("wake-release");
@@ -433,8 +437,10 @@ async fn the_reaper_deletes_expired_rows_in_batches_and_spares_live_ones() {
             store
                 .begin(&key(&name), &fingerprint(1), LONG)
                 .await
-                .unwrap(),
-            Begin::Completed(response(&name))
+                .unwrap()
+                .completed()
+                .cloned(),
+            Some(response(&name))
         );
     }
     for i in 0..3 {
@@ -561,8 +567,10 @@ async fn names_of_the_maximum_length_work() {
         store
             .begin(&key("long-names"), &fingerprint(1), LONG)
             .await
-            .unwrap(),
-        Begin::Completed(response("long-names"))
+            .unwrap()
+            .completed()
+            .cloned(),
+        Some(response("long-names"))
     );
     drop(store);
     drop_schema(&schema).await;
@@ -686,8 +694,13 @@ async fn replays_and_conflicts_write_nothing() {
     assert_eq!(before.2, "0", "a settled row carries no lock");
     for _ in 0..20 {
         assert!(matches!(
-            store.begin(&replayed, &fingerprint(1), LONG).await.unwrap(),
-            Begin::Completed(_)
+            store
+                .begin(&replayed, &fingerprint(1), LONG)
+                .await
+                .unwrap()
+                .completed()
+                .cloned(),
+            Some(_)
         ));
         assert_eq!(
             store.begin(&replayed, &fingerprint(2), LONG).await.unwrap(),
@@ -935,7 +948,9 @@ async fn concurrent_begins_on_distinct_keys_share_statements_and_each_acquire() 
             .await
             .expect("begin")
         {
-            Begin::Completed(stored) => assert_eq!(stored.body, "ok".as_bytes()),
+            Begin::Completed {
+                response: stored, ..
+            } => assert_eq!(stored.body, "ok".as_bytes()),
             other => panic!("expected the stored response, got {other:?}"),
         }
     }

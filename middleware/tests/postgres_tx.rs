@@ -147,7 +147,9 @@ async fn the_record_commits_with_the_effects_or_neither_does() {
     tx.commit().await.expect("commit");
     assert_eq!(db.effects().await, 1);
     match db.begin(&key).await {
-        Begin::Completed(stored) => assert_eq!(&stored.body[..], b"second"),
+        Begin::Completed {
+            response: stored, ..
+        } => assert_eq!(&stored.body[..], b"second"),
         other => panic!("expected the stored response, got {other:?}"),
     }
     db.drop().await;
@@ -247,7 +249,9 @@ async fn a_takeover_waits_for_the_transaction_holding_the_record() {
         .expect("the lapsed holder still completes: nobody took over");
     tx.commit().await.expect("commit");
     match takeover.await.expect("task").expect("begin") {
-        Begin::Completed(stored) => assert_eq!(&stored.body[..], b"held"),
+        Begin::Completed {
+            response: stored, ..
+        } => assert_eq!(&stored.body[..], b"held"),
         other => panic!("the takeover must see the committed record, got {other:?}"),
     }
     assert_eq!(db.effects().await, 1);

@@ -292,8 +292,10 @@ async fn scripts_are_reloaded_after_script_flush() {
         store
             .begin(&completed, &fingerprint(1), LONG)
             .await
-            .unwrap(),
-        Begin::Completed(response(b"x"))
+            .unwrap()
+            .completed()
+            .cloned(),
+        Some(response(b"x"))
     );
     let token = acquire(&store, &released, 1, LONG).await;
     flush().await;
@@ -331,8 +333,10 @@ async fn completions_in_another_instance_wake_subscribers() {
         waiter
             .begin(&completed, &fingerprint(1), LONG)
             .await
-            .unwrap(),
-        Begin::Completed(response(b"done"))
+            .unwrap()
+            .completed()
+            .cloned(),
+        Some(response(b"done"))
     );
 
     let released = key("cross-release");

@@ -276,8 +276,10 @@ async fn records_survive_reopening_the_file() {
         second
             .begin(&key("durable"), &fingerprint(1), LONG)
             .await
-            .unwrap(),
-        Begin::Completed(response("kept"))
+            .unwrap()
+            .completed()
+            .cloned(),
+        Some(response("kept"))
     );
     assert_eq!(
         second
@@ -323,8 +325,10 @@ async fn the_reaper_deletes_expired_rows_in_batches_and_spares_live_ones() {
             store
                 .begin(&key(&format!("live-{i}")), &fingerprint(1), LONG)
                 .await
-                .unwrap(),
-            Begin::Completed(response("live"))
+                .unwrap()
+                .completed()
+                .cloned(),
+            Some(response("live"))
         );
     }
     assert_eq!(
@@ -407,8 +411,10 @@ async fn an_in_memory_database_works_for_tests_and_development() {
         store
             .begin(&key("in-memory"), &fingerprint(1), LONG)
             .await
-            .unwrap(),
-        Begin::Completed(response("kept"))
+            .unwrap()
+            .completed()
+            .cloned(),
+        Some(response("kept"))
     );
     assert!(acquire(&store, &key("other"), LONG).await > token);
 }
@@ -601,7 +607,7 @@ async fn writes_queued_while_the_writer_is_busy_share_one_transaction() {
     for (key, tag, _) in &leases {
         assert!(matches!(
             store.begin(key, &fingerprint(*tag), LONG).await,
-            Ok(Begin::Completed(stored)) if stored.body == "ok".as_bytes()
+            Ok(Begin::Completed { response: stored, .. }) if stored.body == "ok".as_bytes()
         ));
     }
     let seen = sizes.seen();

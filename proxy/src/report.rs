@@ -182,6 +182,7 @@ fn describe_policy(out: &mut String, policy: &Policy) {
                     .collect(),
             ),
         ),
+        ("expiry_header", policy.expiry_header.to_string()),
     ];
     for (name, value) in rows {
         let _ = writeln!(out, "  {name:<20} {value}");
@@ -257,6 +258,7 @@ mod tests {
             "fingerprint          json, ignoring /meta/sent_at",
             "docs_url             https://docs.example.com/payments/retries",
             "replay_drop_headers  set-cookie",
+            "expiry_header        true",
             "problem_type_base    https://docs.rs/",
         ] {
             assert!(text.contains(line), "{line} in {text}");

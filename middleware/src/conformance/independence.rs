@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 
 use super::LONG;
-use super::support::{acquire, assert_lease_lost, begin, key, response};
+use super::support::{acquire, assert_lease_lost, begin, completed, key, response};
 use crate::record::StoredResponse;
 use crate::store::{Begin, IdempotencyStore};
 
@@ -23,7 +23,7 @@ pub async fn keys_are_independent(store: impl IdempotencyStore) {
         .expect("complete a");
     assert_eq!(begin(&store, &b, 2).await, Begin::InFlight);
     store.release(&b, token_b).await.expect("release b");
-    assert_eq!(begin(&store, &a, 1).await, Begin::Completed(response(b"a")));
+    assert_eq!(begin(&store, &a, 1).await, completed(response(b"a")));
     assert_lease_lost(store.renew(&a, token_b, LONG).await, "another key's token");
 }
 
@@ -42,7 +42,7 @@ pub async fn many_keys_complete_and_replay_concurrently(store: impl IdempotencyS
                     .complete(&key, token, &stored, LONG)
                     .await
                     .expect("complete");
-                assert_eq!(begin(&*store, &key, 1).await, Begin::Completed(stored));
+                assert_eq!(begin(&*store, &key, 1).await, completed(stored));
             })
         })
         .collect();

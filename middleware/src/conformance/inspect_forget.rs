@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use super::support::{
-    MARGIN, NOTIFY_WITHIN, acquire, acquire_run, assert_lease_lost, begin, checkpoint, fingerprint,
-    key, response,
+    MARGIN, NOTIFY_WITHIN, acquire, acquire_run, assert_lease_lost, begin, checkpoint, completed,
+    fingerprint, key, response,
 };
 use super::{LONG, SHORT_LOCK};
 use crate::scope::RecordKey;
@@ -69,7 +69,7 @@ pub async fn inspect_shows_in_flight_and_completed_records(store: impl Idempoten
         kept > LONG * 2 - Duration::from_secs(60) && kept < LONG * 2 + Duration::from_secs(60),
         "the record ends `ttl` after completion: {kept:?}"
     );
-    assert_eq!(begin(&store, &key, 1).await, Begin::Completed(stored));
+    assert_eq!(begin(&store, &key, 1).await, completed(stored));
 
     let lapsed = self::key("inspect-lapsed");
     acquire(&store, &lapsed, 1, SHORT_LOCK).await;
@@ -108,7 +108,7 @@ pub async fn forget_deletes_a_completed_record(store: impl IdempotencyStore) {
         "runs afresh"
     );
     assert!(
-        matches!(begin(&store, &other, 1).await, Begin::Completed(_)),
+        matches!(begin(&store, &other, 1).await, Begin::Completed { .. }),
         "other keys keep their records"
     );
     if let Some(feed) = feed.as_mut() {

@@ -2,7 +2,7 @@
 //! expired lease is taken over with a larger token; a stale, settled or foreign token is refused
 //! with `LeaseLost` and changes nothing; renewal keeps a lease alive; release frees the key.
 
-use super::support::{MARGIN, acquire, assert_lease_lost, begin, key, response};
+use super::support::{MARGIN, acquire, assert_lease_lost, begin, completed, key, response};
 use super::{LONG, SHORT_LOCK};
 use crate::store::{Begin, IdempotencyStore};
 
@@ -50,7 +50,7 @@ pub async fn stale_holder_cannot_complete_after_takeover(store: impl Idempotency
         .expect("complete");
     assert_eq!(
         begin(&store, &key, 1).await,
-        Begin::Completed(response(b"current"))
+        completed(response(b"current"))
     );
 }
 
@@ -102,10 +102,7 @@ pub async fn renewal_keeps_the_lease(store: impl IdempotencyStore) {
         .complete(&key, token, &response(b"late"), LONG)
         .await
         .expect("complete after renewals");
-    assert_eq!(
-        begin(&store, &key, 1).await,
-        Begin::Completed(response(b"late"))
-    );
+    assert_eq!(begin(&store, &key, 1).await, completed(response(b"late")));
 }
 
 /// Once completed, the token can no longer complete, renew or release: the record stays.
@@ -124,10 +121,7 @@ pub async fn a_settled_lease_cannot_be_used_again(store: impl IdempotencyStore) 
     );
     assert_lease_lost(store.renew(&key, token, LONG).await, "renew after complete");
     assert_lease_lost(store.release(&key, token).await, "release after complete");
-    assert_eq!(
-        begin(&store, &key, 1).await,
-        Begin::Completed(response(b"first"))
-    );
+    assert_eq!(begin(&store, &key, 1).await, completed(response(b"first")));
 
     let released = self::key("settled-released");
     let token = acquire(&store, &released, 1, LONG).await;

@@ -70,6 +70,7 @@ pub use notify::{
 };
 pub use replay::{
     completed_record_expires_after_ttl, completed_response_is_replayed, large_responses_round_trip,
+    replays_say_how_long_the_record_is_kept,
 };
 
 /// The lease used by checks that wait for one to expire.
@@ -142,6 +143,7 @@ macro_rules! __conformance_checks {
             reused_key_is_a_mismatch,
             release_frees_the_key,
             completed_record_expires_after_ttl,
+            replays_say_how_long_the_record_is_kept,
             expired_lease_is_taken_over_with_a_larger_token,
             stale_holder_cannot_complete_after_takeover,
             stale_holder_cannot_release_or_renew_after_takeover,

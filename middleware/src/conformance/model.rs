@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
 
 use super::LONG;
-use super::support::{fingerprint, key};
+use super::support::{comparable, completed, fingerprint, key};
 use crate::record::StoredResponse;
 use crate::store::{Begin, IdempotencyStore, LeaseToken, StoreError};
 
@@ -130,6 +130,7 @@ pub async fn check_model(store: impl IdempotencyStore, ops: &[ModelOp]) {
                 let got = store
                     .begin(&model_key(key), &fingerprint(fp), duration(short))
                     .await
+                    .map(comparable)
                     .unwrap_or_else(|error| panic!("begin failed: {error} at {}", context()));
                 match records.get(&key).filter(|record| live(record)) {
                     Some(record) if record.fingerprint != fp => {
@@ -139,12 +140,7 @@ pub async fn check_model(store: impl IdempotencyStore, ops: &[ModelOp]) {
                         completed: Some(body),
                         ..
                     }) => {
-                        assert_eq!(
-                            got,
-                            Begin::Completed(model_response(*body)),
-                            "{}",
-                            context()
-                        );
+                        assert_eq!(got, completed(model_response(*body)), "{}", context());
                     }
                     Some(_) => assert_eq!(got, Begin::InFlight, "{}", context()),
                     None => {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::LONG;
-use super::support::{NOTIFY_WITHIN, acquire, begin, key, response};
+use super::support::{NOTIFY_WITHIN, acquire, begin, completed, key, response};
 use crate::store::{Begin, IdempotencyStore};
 
 /// A subscriber armed before the completion is woken by it.
@@ -33,7 +33,7 @@ pub async fn subscribers_are_woken_by_complete(store: impl IdempotencyStore) {
     let deadline = tokio::time::Instant::now() + NOTIFY_WITHIN;
     loop {
         let woken = subscription.notified();
-        if matches!(begin(&*store, &key, 1).await, Begin::Completed(_)) {
+        if matches!(begin(&*store, &key, 1).await, Begin::Completed { .. }) {
             break;
         }
         tokio::time::timeout_at(deadline, woken)
@@ -80,10 +80,7 @@ pub async fn watch_tells_whether_a_key_is_still_in_flight(store: impl Idempotenc
         .complete(&key, token, &response(b"x"), LONG)
         .await
         .expect("complete after watch");
-    assert_eq!(
-        begin(&store, &key, 1).await,
-        Begin::Completed(response(b"x"))
-    );
+    assert_eq!(begin(&store, &key, 1).await, completed(response(b"x")));
     // Either answer is allowed once it completed; what matters is that neither call fails.
     store.watch(&key).await.expect("watch a completed key");
     store

@@ -25,6 +25,7 @@ use super::layer::Shared;
 use super::tee::{Copy, Stream};
 use crate::BoxError;
 use crate::fingerprint::Fingerprint;
+use crate::headers::{self, IDEMPOTENCY_TTL};
 use crate::lease::CompletedByHandler;
 use crate::policy::Policy;
 use crate::problem::{Problem, ProblemKind};
@@ -213,7 +214,13 @@ impl<St: IdempotencyStore> Lease<St> {
         }
         if ended && copy.storable {
             let whole = copy.whole();
-            self.complete(&parts, whole.clone()).await;
+            let mut parts = parts;
+            let kept = self.complete(&parts, whole.clone()).await;
+            if let Some(kept) = kept.filter(|_| self.policy.advertises_expiry()) {
+                parts
+                    .headers
+                    .insert(IDEMPOTENCY_TTL.clone(), headers::ttl_value(kept));
+            }
             return Response::from_parts(parts, ResponseBody::full(whole));
         }
 
@@ -264,8 +271,13 @@ impl<St: IdempotencyStore> Lease<St> {
     }
 
     /// Stores the response, retrying a failing store briefly: giving up means a retry after the
-    /// lease expires runs the request again.
-    pub(super) async fn complete(&mut self, parts: &http::response::Parts, body: Bytes) {
+    /// lease expires runs the request again. Returns how long the stored record is kept at least,
+    /// counted from now, or `None` when it was not stored.
+    pub(super) async fn complete(
+        &mut self,
+        parts: &http::response::Parts,
+        body: Bytes,
+    ) -> Option<Duration> {
         let mut headers = parts.headers.clone();
         // Dropped before storing: such headers (a session cookie) never sit in the store.
         for name in &self.policy.replay_drop_headers {
@@ -275,6 +287,7 @@ impl<St: IdempotencyStore> Lease<St> {
         let mut backoff = Duration::from_millis(50);
         for attempt in 1..=COMPLETE_ATTEMPTS {
             // Before the call: the record's ttl runs from some moment after this one.
+            let started = Instant::now();
             let mark = self.shared.replay_cache.as_ref().map(|cache| cache.mark());
             let store = self.shared.store();
             let result = self
@@ -291,7 +304,9 @@ impl<St: IdempotencyStore> Lease<St> {
                         cache.fill(mark, self.key, self.fingerprint, &stored, self.policy.ttl);
                     }
                     self.settle();
-                    return;
+                    return Some(
+                        (started + self.policy.ttl).saturating_duration_since(Instant::now()),
+                    );
                 }
                 Err(StoreError::LeaseLost) if attempt > 1 => {
                     // The reply to an earlier attempt was lost: that attempt may have stored the
@@ -302,7 +317,7 @@ impl<St: IdempotencyStore> Lease<St> {
                          lease is no longer ours; a retry gets the stored response or runs again"
                     );
                     self.settle();
-                    return;
+                    return None;
                 }
                 Err(StoreError::LeaseLost) => {
                     m::lease_lost();
@@ -312,7 +327,7 @@ impl<St: IdempotencyStore> Lease<St> {
                          it over after lock_ttl; its result stands and this one is discarded"
                     );
                     self.settle();
-                    return;
+                    return None;
                 }
                 Err(error) if attempt < COMPLETE_ATTEMPTS => {
                     tracing::warn!(%error, attempt, "storing the response failed; retrying");
@@ -328,6 +343,7 @@ impl<St: IdempotencyStore> Lease<St> {
                 }
             }
         }
+        None
     }
 
     pub(super) async fn release(&mut self) {

@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
@@ -22,7 +23,7 @@ use super::replay_cache::Cached;
 use super::{observe, outcome};
 use crate::BoxError;
 use crate::fingerprint::Fingerprint;
-use crate::headers::IDEMPOTENT_REPLAYED;
+use crate::headers::{self, IDEMPOTENCY_TTL, IDEMPOTENT_REPLAYED};
 use crate::policy::{Mode, OnConflict, OnStoreError, Policy};
 use crate::problem::{Problem, ProblemKind};
 use crate::record::StoredResponse;
@@ -197,9 +198,15 @@ impl<St: IdempotencyStore> Keyed<St> {
             .and_then(|cache| cache.get(&self.record_key, fingerprint))
         {
             return Ok(match (cached, observing) {
-                (Cached::Replay(_), true) => Begun::Observed(Outcome::ObservedWouldReplay),
+                (Cached::Replay { .. }, true) => Begun::Observed(Outcome::ObservedWouldReplay),
                 (Cached::Mismatch, true) => Begun::Observed(Outcome::ObservedWouldMismatch),
-                (Cached::Replay(stored), false) => Begun::Answered(self.replay(stored)),
+                (
+                    Cached::Replay {
+                        response,
+                        expires_in,
+                    },
+                    false,
+                ) => Begun::Answered(self.replay(response, expires_in)),
                 (Cached::Mismatch, false) => Begun::Answered(self.mismatch()),
             });
         }
@@ -210,6 +217,8 @@ impl<St: IdempotencyStore> Keyed<St> {
         loop {
             // Armed before looking, so a completion between the look and the wait is not missed.
             let completed = subscription.as_ref().map(|s| s.notified());
+            // Before the call: a replay it reads is cached no longer than the store keeps it.
+            let mark = self.shared.replay_cache.as_ref().map(|cache| cache.mark());
             let call = self.begin_call(*fingerprint);
             let begun = self.shared.timed(m::Operation::Begin, call).await?;
             match begun {
@@ -218,12 +227,19 @@ impl<St: IdempotencyStore> Keyed<St> {
                     attempt,
                     recovery_point,
                 } => return Ok(Begun::Acquired((token, attempt, recovery_point))),
-                Begin::Completed(_) if observing => {
+                Begin::Completed { .. } if observing => {
                     return Ok(Begun::Observed(Outcome::ObservedWouldReplay));
                 }
-                // Hook for the replay cache: once `Begin::Completed` carries the record's expiry,
-                // a replay read from the store can be cached here too (see `ReplayCache`).
-                Begin::Completed(stored) => return Ok(Begun::Answered(self.replay(stored))),
+                Begin::Completed {
+                    response,
+                    expires_in,
+                } => {
+                    if let (Some(cache), Some(mark)) = (&self.shared.replay_cache, mark) {
+                        let key = self.record_key;
+                        cache.fill_replayed(mark, key, *fingerprint, &response, expires_in);
+                    }
+                    return Ok(Begun::Answered(self.replay(response, expires_in)));
+                }
                 Begin::Mismatch if observing => {
                     return Ok(Begun::Observed(Outcome::ObservedWouldMismatch));
                 }
@@ -265,18 +281,22 @@ impl<St: IdempotencyStore> Keyed<St> {
         }
     }
 
-    /// The stored response, as a replay.
-    fn replay<B>(&self, stored: StoredResponse) -> Response<ResponseBody<B>> {
+    /// The stored response, as a replay of a record kept `expires_in` more.
+    fn replay<B>(&self, stored: StoredResponse, expires_in: Duration) -> Response<ResponseBody<B>> {
         m::outcome(Outcome::Replayed);
         let mut response = stored.into_response(ResponseBody::full);
+        let headers = response.headers_mut();
         // Records stored before the header was listed do not replay it either.
         for name in &self.policy.replay_drop_headers {
-            response.headers_mut().remove(name);
+            headers.remove(name);
         }
-        response.headers_mut().insert(
+        headers.insert(
             IDEMPOTENT_REPLAYED.clone(),
             HeaderValue::from_static("true"),
         );
+        if self.policy.advertises_expiry() {
+            headers.insert(IDEMPOTENCY_TTL.clone(), headers::ttl_value(expires_in));
+        }
         outcome::tagged(response, Outcome::Replayed)
     }
 

@@ -41,8 +41,11 @@ const ENTRY_OVERHEAD: usize = 160;
 
 /// What a look-up found.
 pub(crate) enum Cached {
-    /// The same request completed: replay this.
-    Replay(StoredResponse),
+    /// The same request completed: replay this; the record is kept at least `expires_in` more.
+    Replay {
+        response: StoredResponse,
+        expires_in: Duration,
+    },
     /// The key was completed for a different request.
     Mismatch,
 }
@@ -107,18 +110,23 @@ impl ReplayCache {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         state.apply_forgets();
         let entry = state.entries.get(key)?;
-        if Instant::now() >= entry.expires {
+        let now = Instant::now();
+        if now >= entry.expires {
             state.remove(key);
             return None;
         }
         Some(if entry.fingerprint == *fingerprint {
-            Cached::Replay(entry.response.clone())
+            Cached::Replay {
+                response: entry.response.clone(),
+                expires_in: entry.expires - now,
+            }
         } else {
             Cached::Mismatch
         })
     }
 
-    /// To be taken just before the `complete` call whose record [`fill`](Self::fill) caches.
+    /// To be taken just before the `complete` or `begin` call whose record [`fill`](Self::fill)
+    /// or [`fill_replayed`](Self::fill_replayed) caches.
     pub(crate) fn mark(&self) -> Mark {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         state.apply_forgets();
@@ -144,9 +152,24 @@ impl ReplayCache {
         self.insert(mark.forgets_seen, key, fingerprint, response, expires);
     }
 
-    // Hook for replays read from the store: once `Begin::Completed` carries the record's expiry,
-    // `begin` can cache them too, with `expires` taken from the store and a mark taken before
-    // the `begin` call.
+    /// Caches a completed record that a `begin` call, started after `mark`, read from the store
+    /// with `expires_in` left. The store measured that time after `mark` was taken, so the entry
+    /// expires no later than the record; a record completed by another process is thus cached on
+    /// its first replay here.
+    pub(crate) fn fill_replayed(
+        &self,
+        mark: Mark,
+        key: RecordKey,
+        fingerprint: Fingerprint,
+        response: &StoredResponse,
+        expires_in: Duration,
+    ) {
+        let Some(expires) = mark.taken.checked_add(expires_in) else {
+            return;
+        };
+        self.insert(mark.forgets_seen, key, fingerprint, response, expires);
+    }
+
     fn insert(
         &self,
         forgets_seen: u64,
@@ -309,7 +332,9 @@ mod tests {
             Fingerprint::from_bytes([2; 32]),
         );
         cache.fill(cache.mark(), key(1), same, &response("ok"), HOUR);
-        assert!(matches!(cache.get(&key(1), &same), Some(Cached::Replay(r)) if r.body == "ok"));
+        assert!(
+            matches!(cache.get(&key(1), &same), Some(Cached::Replay { response, .. }) if response.body == "ok")
+        );
         assert!(matches!(cache.get(&key(1), &other), Some(Cached::Mismatch)));
         assert!(cache.get(&key(2), &same).is_none());
     }

@@ -289,9 +289,12 @@ impl IdempotencyStore for MemoryStore {
                     if record.fingerprint != *fingerprint {
                         return Ok(Begin::Mismatch);
                     }
-                    let response = response.clone();
+                    let (response, expires_in) = (response.clone(), *expires_at - now);
                     drop(shard);
-                    return Ok(Begin::Completed(StoredResponse::decode(response)?));
+                    return Ok(Begin::Completed {
+                        response: StoredResponse::decode(response)?,
+                        expires_in,
+                    });
                 }
                 // A lapsed lease of the same request: this is its next attempt, and resumes where
                 // it got to.

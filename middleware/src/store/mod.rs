@@ -105,12 +105,30 @@ pub enum Begin {
         recovery_point: Option<Checkpoint>,
     },
     /// A completed record with the same fingerprint: replay it.
-    Completed(StoredResponse),
+    Completed {
+        /// The response the record holds.
+        response: StoredResponse,
+        /// How long the store still keeps the record, counted from when it answered, by its own
+        /// clock (the database's or Redis's, not the caller's): a retry within this time replays;
+        /// after it the key may run again. Never longer than what is left of the `ttl` given to
+        /// `complete`.
+        expires_in: Duration,
+    },
     /// Another request with the same fingerprint holds a live lease.
     InFlight,
     /// A live record (in flight or completed) has a different fingerprint: the key was reused for
     /// a different request.
     Mismatch,
+}
+
+impl Begin {
+    /// The stored response, when this is [`Begin::Completed`].
+    pub fn completed(&self) -> Option<&StoredResponse> {
+        match self {
+            Self::Completed { response, .. } => Some(response),
+            _ => None,
+        }
+    }
 }
 
 /// A store operation failed.

@@ -80,7 +80,8 @@ pub(super) fn statements(t: &str) -> (SqlStr, SqlStr) {
          existing AS ( \
              SELECT i.n, r.fingerprint = i.fingerprint AS same_request, \
                     r.response IS NULL AS in_flight, \
-                    CASE WHEN r.fingerprint = i.fingerprint THEN r.response END AS response \
+                    CASE WHEN r.fingerprint = i.fingerprint THEN r.response END AS response, \
+                    (extract(epoch FROM r.expires_at - now()) * 1000000)::bigint AS expires_in \
              FROM input i JOIN {t} r ON r.key = i.key AND r.expires_at > now() \
          ), \
          acquired AS ( \
@@ -99,7 +100,7 @@ pub(super) fn statements(t: &str) -> (SqlStr, SqlStr) {
                        r.checkpoint_data \
          ) \
          SELECT a.token, e.same_request, e.in_flight, e.response, a.attempt, \
-                a.checkpoint_name, a.checkpoint_data, i.n \
+                a.checkpoint_name, a.checkpoint_data, i.n, e.expires_in \
          FROM input i \
          LEFT JOIN acquired a ON a.key = i.key \
          LEFT JOIN existing e ON e.n = i.n \

@@ -262,7 +262,9 @@ impl Statements {
                 "WITH existing AS ( \
                      SELECT fingerprint = $2 AS same_request, \
                             response IS NULL AS in_flight, \
-                            CASE WHEN fingerprint = $2 THEN response END AS response \
+                            CASE WHEN fingerprint = $2 THEN response END AS response, \
+                            (extract(epoch FROM expires_at - now()) * 1000000)::bigint \
+                                AS expires_in \
                      FROM {t} WHERE key = $1 AND expires_at > now() \
                  ), \
                  acquired AS ( \
@@ -283,7 +285,7 @@ impl Statements {
                  ) \
                  SELECT acquired.token, existing.same_request, existing.in_flight, \
                         existing.response, acquired.attempt, acquired.checkpoint_name, \
-                        acquired.checkpoint_data \
+                        acquired.checkpoint_data, existing.expires_in \
                  FROM (SELECT) AS one \
                  LEFT JOIN acquired ON true \
                  LEFT JOIN existing ON true"
@@ -695,9 +697,11 @@ pub(super) fn read_begin(row: &PgRow) -> Result<Option<Begin>, StoreError> {
             let response = response.ok_or_else(|| {
                 StoreError::backend("a completed record came back without its response")
             })?;
-            Ok(Some(Begin::Completed(StoredResponse::decode(
-                Bytes::from(response),
-            )?)))
+            let expires_in: Option<i64> = row.try_get("expires_in").map_err(StoreError::backend)?;
+            Ok(Some(Begin::Completed {
+                response: StoredResponse::decode(Bytes::from(response))?,
+                expires_in: sql::duration_from_micros(expires_in.unwrap_or(0)),
+            }))
         }
     }
 }

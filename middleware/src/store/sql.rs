@@ -92,6 +92,20 @@ pub(crate) fn millis(duration: Duration) -> i64 {
     i64::try_from(micros.div_ceil(1000)).unwrap_or(i64::MAX)
 }
 
+/// The time a record has left, from a column counting milliseconds; a row the statement found
+/// live has a positive count, and anything else reads as zero rather than failing the replay.
+#[cfg(feature = "sqlite")]
+pub(crate) fn duration_from_millis(millis: i64) -> Duration {
+    Duration::from_millis(u64::try_from(millis).unwrap_or(0))
+}
+
+/// The time a record has left, from a column counting microseconds (see
+/// [`duration_from_millis`]).
+#[cfg(feature = "postgres")]
+pub(crate) fn duration_from_micros(micros: i64) -> Duration {
+    Duration::from_micros(u64::try_from(micros).unwrap_or(0))
+}
+
 /// A pool size that suits the machine: two connections per core plus two, the usual starting
 /// point for a pool whose queries are short and mostly wait on the network.
 #[cfg(feature = "postgres")]

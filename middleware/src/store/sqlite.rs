@@ -40,12 +40,14 @@ macro_rules! now_ms {
     };
 }
 
-/// The live row of key `?1`, seen by the request with fingerprint `?2`. The response is only read
-/// for the same request: a mismatch has no use for it.
+/// The live row of key `?1`, seen by the request with fingerprint `?2`, and the milliseconds it
+/// has left. The response is only read for the same request: a mismatch has no use for it.
 const LOOKUP: &str = concat!(
     "SELECT fingerprint = ?2, response IS NULL, ",
-    "CASE WHEN fingerprint = ?2 THEN response END ",
-    "FROM idempotency_records WHERE key = ?1 AND expires_at > ",
+    "CASE WHEN fingerprint = ?2 THEN response END, ",
+    "expires_at - ",
+    now_ms!(),
+    " FROM idempotency_records WHERE key = ?1 AND expires_at > ",
     now_ms!()
 );
 pub(super) const NEXT_TOKEN: &str =
@@ -392,7 +394,11 @@ impl SqliteStore {
             (true, true) => Begin::InFlight,
             (true, false) => {
                 let response: Vec<u8> = row.try_get(2).map_err(StoreError::backend)?;
-                Begin::Completed(StoredResponse::decode(Bytes::from(response))?)
+                let expires_in_ms: i64 = row.try_get(3).map_err(StoreError::backend)?;
+                Begin::Completed {
+                    response: StoredResponse::decode(Bytes::from(response))?,
+                    expires_in: sql::duration_from_millis(expires_in_ms),
+                }
             }
         }))
     }

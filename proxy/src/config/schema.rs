@@ -406,6 +406,10 @@ policy_fields! {
     docs_url: String,
     /// Response headers never stored, hence never replayed (e.g. `set-cookie`). Default none.
     replay_drop_headers: Vec<HeaderNameValue>,
+    /// `true` adds `Idempotency-TTL: <seconds>` to keyed responses that were stored (the first
+    /// and every replay): how long the record is still kept, so a client knows how long it may
+    /// retry. Default `true`.
+    expiry_header: bool,
 }
 
 mod defaults {

@@ -314,6 +314,9 @@ fn policy_from(fields: &PolicyConfig) -> Result<Policy, tower_idempotency::polic
     if let Some(headers) = &fields.replay_drop_headers {
         policy.replay_drop_headers = headers.iter().map(|h| h.0.clone()).collect();
     }
+    if let Some(advertise) = fields.expiry_header {
+        policy.expiry_header = advertise;
+    }
     policy.validate()?;
     Ok(policy)
 }

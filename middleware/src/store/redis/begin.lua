@@ -7,7 +7,8 @@
 --
 -- Returns {1, token, attempt, recovery point} acquired (the point as stored after the attempt:
 -- '' for none, else name length u8, name, data), {2} in flight, {3} fingerprint mismatch,
--- {4, value} completed with the same fingerprint (the whole value: the client drops the header),
+-- {4, value, pttl} completed with the same fingerprint (the whole value: the client drops the
+-- header; the milliseconds the key has left),
 -- {0, header} the stored header is not one this script understands (the client says why).
 --
 -- Value layout (see mod.rs): version u8 = 1, state u8 (1 in flight, 2 completed, 3 in flight
@@ -43,7 +44,7 @@ if header ~= '' then
   if state == 2 then
     -- A completed record lives exactly as long as its key: Redis never returns an expired key.
     if same then
-      return {4, redis.call('GET', key)}
+      return {4, redis.call('GET', key), redis.call('PTTL', key)}
     end
     return {3}
   elseif state ~= 1 and state ~= 3 then

@@ -694,7 +694,7 @@ fn parse_begin(reply: Value, fingerprint: &Fingerprint) -> Result<Begin, StoreEr
         },
         [Value::Int(2)] => Ok(Begin::InFlight),
         [Value::Int(3)] => Ok(Begin::Mismatch),
-        [Value::Int(4), Value::BulkString(value)] => {
+        [Value::Int(4), Value::BulkString(value), Value::Int(pttl)] => {
             let value = Bytes::from(std::mem::take(value));
             if let Some(error) = header_error(&value, STATE_COMPLETED) {
                 return Err(StoreError::Corrupt(error));
@@ -705,9 +705,11 @@ fn parse_begin(reply: Value, fingerprint: &Fingerprint) -> Result<Begin, StoreEr
                 )));
             }
             // The response shares the reply's allocation; only the header is skipped.
-            Ok(Begin::Completed(StoredResponse::decode(
-                value.slice(HEADER_LEN..),
-            )?))
+            Ok(Begin::Completed {
+                response: StoredResponse::decode(value.slice(HEADER_LEN..))?,
+                // PTTL is -1 for a key without an expiry, which this store never writes.
+                expires_in: Duration::from_millis(u64::try_from(*pttl).unwrap_or(0)),
+            })
         }
         // The script found a header it does not understand; say what is wrong with it.
         [Value::Int(0), Value::BulkString(header)] => Err(StoreError::Corrupt(
@@ -861,10 +863,19 @@ mod tests {
         );
         let mut value = header(LAYOUT_VERSION, STATE_COMPLETED);
         value.extend_from_slice(&response.encode());
-        let reply = || Value::Array(vec![Value::Int(4), Value::BulkString(value.clone())]);
+        let reply = || {
+            Value::Array(vec![
+                Value::Int(4),
+                Value::BulkString(value.clone()),
+                Value::Int(90_000),
+            ])
+        };
         assert_eq!(
             parse_begin(reply(), &test_fingerprint()).unwrap(),
-            Begin::Completed(response)
+            Begin::Completed {
+                response,
+                expires_in: Duration::from_secs(90),
+            }
         );
         assert!(matches!(
             parse_begin(reply(), &Fingerprint::from_bytes([8; 32])),
@@ -915,8 +926,16 @@ mod tests {
         let mut value = header(LAYOUT_VERSION, STATE_COMPLETED);
         value.extend_from_slice(&response.encode());
         assert_eq!(
-            reply(vec![Value::Int(4), Value::BulkString(value)]).unwrap(),
-            Begin::Completed(response)
+            reply(vec![
+                Value::Int(4),
+                Value::BulkString(value),
+                Value::Int(1500)
+            ])
+            .unwrap(),
+            Begin::Completed {
+                response,
+                expires_in: Duration::from_millis(1500),
+            }
         );
     }
 
@@ -938,7 +957,11 @@ mod tests {
         let mut truncated_response = header(LAYOUT_VERSION, STATE_COMPLETED);
         truncated_response.push(1);
         assert!(matches!(
-            reply(vec![Value::Int(4), Value::BulkString(truncated_response)]),
+            reply(vec![
+                Value::Int(4),
+                Value::BulkString(truncated_response),
+                Value::Int(1000)
+            ]),
             Err(StoreError::Corrupt(DecodeError::Truncated))
         ));
         assert!(matches!(
