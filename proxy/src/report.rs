@@ -5,7 +5,7 @@ use std::fmt::Write;
 use tower_idempotency::fingerprint::BodyFingerprint;
 use tower_idempotency::{Anonymous, Mode, OnConflict, OnStoreError, Policy};
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, ReaperConfig, StoreBackend, StoreConfig};
 
 /// A human-readable summary of what the proxy will do: upstream, store (credentials hidden) and
 /// the effective policy of every route, in match order.
@@ -17,17 +17,7 @@ pub fn describe(config: &Config) -> Result<String, ConfigError> {
     if let Some(admin) = &config.admin {
         let _ = writeln!(out, "admin     http://{}", admin.listen);
     }
-    let store = &config.store;
-    let location = match (&store.url, store.urls.as_slice()) {
-        (Some(url), _) => redact(url),
-        (None, []) => "in process".to_owned(),
-        (None, urls) => urls
-            .iter()
-            .map(|u| redact(u))
-            .collect::<Vec<_>>()
-            .join(", "),
-    };
-    let _ = writeln!(out, "store     {} ({location})", store.backend.as_str());
+    describe_store(&mut out, &config.store);
     let _ = writeln!(out);
     for (pattern, policy) in routes.iter() {
         let _ = writeln!(out, "route {pattern}");
@@ -36,6 +26,78 @@ pub fn describe(config: &Config) -> Result<String, ConfigError> {
     let _ = writeln!(out, "every other path");
     describe_policy(&mut out, routes.default_policy());
     Ok(out)
+}
+
+/// The backend and where it is (passwords hidden), then the settings in effect: those of the
+/// backend that the file sets, and the shared ones.
+fn describe_store(out: &mut String, store: &StoreConfig) {
+    let mut settings = Vec::new();
+    let location = match &store.backend {
+        StoreBackend::Memory => "in process".to_owned(),
+        StoreBackend::Sqlite(sqlite) => {
+            describe_reaper(&mut settings, &sqlite.reaper);
+            redact(&sqlite.url)
+        }
+        StoreBackend::Postgres(postgres) => {
+            let names = [("schema", &postgres.schema), ("table", &postgres.table)];
+            for (name, value) in names {
+                if let Some(value) = value {
+                    settings.push(format!("{name} {value}"));
+                }
+            }
+            if let Some(connections) = postgres.max_connections {
+                settings.push(format!("max_connections {connections}"));
+            }
+            describe_reaper(&mut settings, &postgres.reaper);
+            if !postgres.auto_migrate {
+                settings.push("auto_migrate off".to_owned());
+            }
+            redact(&postgres.url)
+        }
+        StoreBackend::Redis(redis) => {
+            if let Some(prefix) = &redis.prefix {
+                settings.push(format!("prefix {prefix}"));
+            }
+            redact(&redis.url)
+        }
+        StoreBackend::RedisCluster(cluster) => {
+            if let Some(prefix) = &cluster.prefix {
+                settings.push(format!("prefix {prefix}"));
+            }
+            let urls: Vec<_> = cluster.urls.iter().map(|url| redact(url)).collect();
+            urls.join(", ")
+        }
+    };
+    let duration = |d| humantime::format_duration(d).to_string();
+    settings.push(format!("timeout {}", duration(store.timeout)));
+    settings.push(format!("poll_interval {}", duration(store.poll_interval)));
+    settings.push(match store.replay_cache_entries {
+        0 => "replay cache off".to_owned(),
+        entries => format!(
+            "replay cache {entries} records, {}",
+            store.replay_cache_bytes
+        ),
+    });
+    let _ = writeln!(
+        out,
+        "store     {} ({location})",
+        store.backend.kind().as_str()
+    );
+    let _ = writeln!(out, "          {}", settings.join(", "));
+}
+
+fn describe_reaper(settings: &mut Vec<String>, reaper: &ReaperConfig) {
+    match reaper.interval {
+        Some(interval) if interval.is_zero() => settings.push("reaper off".to_owned()),
+        Some(interval) => settings.push(format!(
+            "reaper every {}",
+            humantime::format_duration(interval)
+        )),
+        None => {}
+    }
+    if let Some(batch) = reaper.batch {
+        settings.push(format!("reaper_batch {batch}"));
+    }
 }
 
 fn describe_policy(out: &mut String, policy: &Policy) {
@@ -237,6 +299,40 @@ mod tests {
         );
         assert_eq!(redact("redis://:pw@cache"), "redis://:***@cache");
         assert_eq!(redact("sqlite://idempotency.db"), "sqlite://idempotency.db");
+    }
+
+    #[test]
+    fn describes_the_store_with_the_settings_in_effect() {
+        let describe_store = |section: &str| {
+            let text = format!(
+                "[proxy]\nlisten = \"127.0.0.1:0\"\nupstream = \"http://127.0.0.1:1\"\n\n\
+                 [store]\n{section}\n"
+            );
+            let config = Config::parse(&text, |_| None).expect("config");
+            let out = describe(&config).expect("describe");
+            let at = out.find("store ").expect("store line");
+            out[at..].lines().take(2).collect::<Vec<_>>().join("\n")
+        };
+        assert_eq!(
+            describe_store(
+                "backend = \"postgres\"\nurl = \"postgres://app:pw@db/x\"\ntable = \"t\"\n\
+                 reaper_interval = \"0s\"\nauto_migrate = false\n\
+                 replay_cache_bytes = \"1MiB\"\nreplay_cache_entries = 10"
+            ),
+            "store     postgres (postgres://app:***@db/x)\n          table t, reaper off, \
+             auto_migrate off, timeout 5s, poll_interval 1s, replay cache 10 records, 1.0 MiB"
+        );
+        assert_eq!(
+            describe_store(
+                "backend = \"redis-cluster\"\nurls = [\"redis://a\", \"redis://b\"]\nprefix = \"p\""
+            ),
+            "store     redis-cluster (redis://a, redis://b)\n          prefix p, timeout 5s, \
+             poll_interval 1s, replay cache off"
+        );
+        assert!(
+            describe_store("").starts_with("store     memory (in process)\n"),
+            "memory by default"
+        );
     }
 
     #[test]

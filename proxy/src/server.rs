@@ -87,7 +87,7 @@ async fn serve(
         });
     if config.store.replay_cache_entries > 0 && !layer.replay_cache_enabled() {
         tracing::warn!(
-            store = config.store.backend.as_str(),
+            store = config.store.backend.kind().as_str(),
             "this store cannot report forgotten records to every process; the replay cache \
              (replay_cache_bytes, replay_cache_entries) stays off"
         );
@@ -124,7 +124,7 @@ async fn serve(
     tracing::info!(
         %proxy_addr,
         upstream = %config.proxy.upstream,
-        store = config.store.backend.as_str(),
+        store = config.store.backend.kind().as_str(),
         "idempotency-proxy started"
     );
 

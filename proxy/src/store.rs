@@ -3,7 +3,9 @@
 use tower_idempotency::store::DynStore;
 use tower_idempotency::{MemoryStore, StoreError};
 
-use crate::config::{Backend, StoreConfig};
+#[cfg(feature = "postgres")]
+use crate::config::PostgresConfig;
+use crate::config::{Backend, StoreBackend, StoreConfig};
 
 /// The store could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -31,89 +33,89 @@ fn failed(backend: Backend) -> impl FnOnce(StoreError) -> OpenError {
 
 /// Opens (connects, and where configured migrates) the store `config` describes.
 pub async fn open(config: &StoreConfig) -> Result<DynStore, OpenError> {
-    let url = config.url.as_deref().unwrap_or_default();
-    #[cfg(not(any(feature = "sqlite", feature = "postgres", feature = "redis")))]
-    let _ = url;
-    match config.backend {
-        Backend::Memory => Ok(DynStore::new(MemoryStore::new())),
+    match &config.backend {
+        StoreBackend::Memory => Ok(DynStore::new(MemoryStore::new())),
         #[cfg(feature = "sqlite")]
-        Backend::Sqlite => {
-            let mut builder = tower_idempotency::SqliteStore::builder(url);
-            if let Some(interval) = config.reaper_interval {
+        StoreBackend::Sqlite(sqlite) => {
+            let mut builder = tower_idempotency::SqliteStore::builder(&sqlite.url);
+            if let Some(interval) = sqlite.reaper.interval {
                 builder = builder.reaper_interval(interval);
             }
-            if let Some(batch) = config.reaper_batch {
+            if let Some(batch) = sqlite.reaper.batch {
                 builder = builder.reaper_batch(batch);
             }
-            let store = builder.connect().await.map_err(failed(config.backend))?;
+            let store = builder.connect().await.map_err(failed(Backend::Sqlite))?;
             Ok(DynStore::new(store))
         }
         #[cfg(feature = "postgres")]
-        Backend::Postgres => {
-            let store = postgres(config, url, config.auto_migrate).await?;
+        StoreBackend::Postgres(postgres_config) => {
+            let store = postgres(postgres_config, postgres_config.auto_migrate).await?;
             Ok(DynStore::new(store))
         }
         #[cfg(feature = "redis")]
-        Backend::Redis => {
-            let store = redis_builder(tower_idempotency::RedisStore::builder(url), config)
-                .connect()
-                .await
-                .map_err(failed(config.backend))?;
-            Ok(DynStore::new(store))
-        }
-        #[cfg(feature = "redis")]
-        Backend::RedisCluster => {
+        StoreBackend::Redis(redis) => {
             let store = redis_builder(
-                tower_idempotency::RedisStore::cluster_builder(&config.urls),
-                config,
+                tower_idempotency::RedisStore::builder(&redis.url),
+                redis.prefix.as_deref(),
             )
             .connect()
             .await
-            .map_err(failed(config.backend))?;
+            .map_err(failed(Backend::Redis))?;
+            Ok(DynStore::new(store))
+        }
+        #[cfg(feature = "redis")]
+        StoreBackend::RedisCluster(cluster) => {
+            let store = redis_builder(
+                tower_idempotency::RedisStore::cluster_builder(&cluster.urls),
+                cluster.prefix.as_deref(),
+            )
+            .connect()
+            .await
+            .map_err(failed(Backend::RedisCluster))?;
             Ok(DynStore::new(store))
         }
         #[allow(
             unreachable_patterns,
             reason = "reachable only when a backend is left out"
         )]
-        other => Err(not_compiled(other)),
+        other => Err(not_compiled(other.kind())),
     }
 }
 
 /// Applies the store's schema, for `idempotency-proxy migrate`. Returns what was done.
 pub async fn migrate(config: &StoreConfig) -> Result<String, OpenError> {
-    match config.backend {
+    match &config.backend {
         #[cfg(feature = "postgres")]
-        Backend::Postgres => {
-            let url = config.url.as_deref().unwrap_or_default();
+        StoreBackend::Postgres(postgres_config) => {
             // Connecting applies the migrations, whatever `auto_migrate` says for serving.
-            postgres(config, url, true).await?;
+            postgres(postgres_config, true).await?;
             Ok("postgres schema is up to date".to_owned())
         }
-        Backend::Sqlite => {
+        StoreBackend::Sqlite(_) => {
             // Opening a SQLite store applies its migrations.
             open(config).await?;
             Ok("sqlite schema is up to date".to_owned())
         }
-        Backend::Memory | Backend::Redis | Backend::RedisCluster => Ok(format!(
-            "the {} backend has no schema to migrate",
-            config.backend.as_str()
-        )),
+        StoreBackend::Memory | StoreBackend::Redis(_) | StoreBackend::RedisCluster(_) => {
+            Ok(format!(
+                "the {} backend has no schema to migrate",
+                config.backend.kind().as_str()
+            ))
+        }
         #[allow(
             unreachable_patterns,
             reason = "reachable only when a backend is left out"
         )]
-        other => Err(not_compiled(other)),
+        other => Err(not_compiled(other.kind())),
     }
 }
 
 #[cfg(feature = "postgres")]
 async fn postgres(
-    config: &StoreConfig,
-    url: &str,
+    config: &PostgresConfig,
     migrate: bool,
 ) -> Result<tower_idempotency::PostgresStore, OpenError> {
-    let mut builder = tower_idempotency::PostgresStore::builder(url).auto_migrate(migrate);
+    let mut builder = tower_idempotency::PostgresStore::builder(&config.url).auto_migrate(migrate);
     if let Some(schema) = &config.schema {
         builder = builder.schema(schema);
     }
@@ -123,21 +125,21 @@ async fn postgres(
     if let Some(connections) = config.max_connections {
         builder = builder.max_connections(connections);
     }
-    if let Some(interval) = config.reaper_interval {
+    if let Some(interval) = config.reaper.interval {
         builder = builder.reaper_interval(interval);
     }
-    if let Some(batch) = config.reaper_batch {
+    if let Some(batch) = config.reaper.batch {
         builder = builder.reaper_batch(batch);
     }
-    builder.connect().await.map_err(failed(config.backend))
+    builder.connect().await.map_err(failed(Backend::Postgres))
 }
 
 #[cfg(feature = "redis")]
 fn redis_builder(
     mut builder: tower_idempotency::store::RedisStoreBuilder,
-    config: &StoreConfig,
+    prefix: Option<&str>,
 ) -> tower_idempotency::store::RedisStoreBuilder {
-    if let Some(prefix) = &config.prefix {
+    if let Some(prefix) = prefix {
         builder = builder.prefix(prefix);
     }
     builder

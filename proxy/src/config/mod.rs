@@ -18,33 +18,66 @@ pub const ADMIN_TOKEN_ENV: &str = "IDEMPOTENCY_ADMIN_TOKEN";
 
 mod errors;
 mod schema;
+mod store;
 #[cfg(test)]
 mod tests;
 mod validate;
 
 pub use errors::{ConfigError, KeyPath, KeySegment};
 pub use schema::*;
+pub use store::*;
 
 use errors::{Problem, key_at, line_of, problem, span_of};
+use store::StoreTable;
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct Config {
     /// The proxy listener and its upstream.
     pub proxy: ProxyConfig,
     /// The admin listener (`/healthz`, `/readyz`, `/metrics`); absent means none.
-    #[serde(default)]
     pub admin: Option<AdminConfig>,
     /// Where idempotency records live.
-    #[serde(default)]
     pub store: StoreConfig,
     /// Defaults for every route.
-    #[serde(default)]
     pub idempotency: PolicyConfig,
     /// Per-path overrides; the first route whose `path` matches wins.
-    #[serde(default, rename = "route")]
     pub routes: Vec<RouteConfig>,
+}
+
+/// The file as serde reads it: [`Config`] with `[store]` not yet dispatched on its backend.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTables {
+    proxy: ProxyConfig,
+    #[serde(default)]
+    admin: Option<AdminConfig>,
+    #[serde(default)]
+    store: StoreTable,
+    #[serde(default)]
+    idempotency: PolicyConfig,
+    #[serde(default, rename = "route")]
+    routes: Vec<RouteConfig>,
+}
+
+impl FileTables {
+    /// Expands `${VAR}` in the store's URLs and applies the environment's overrides.
+    fn expand_environment(&mut self, env: &impl Fn(&str) -> Option<String>) -> Result<(), Problem> {
+        self.store.expand_environment(env)?;
+        if let Some(admin) = &mut self.admin {
+            if let Some(token) = env(ADMIN_TOKEN_ENV).filter(|token| !token.is_empty()) {
+                admin.token = Some(token);
+            }
+            if admin.token.as_deref() == Some("") {
+                return Err(problem(
+                    KeyPath::of(&["admin", "token"]),
+                    "must not be empty (leave it out to serve the record endpoints to loopback \
+                     peers only)",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Config {
@@ -84,7 +117,7 @@ impl Config {
             key: Some(key),
             message,
         };
-        let mut config: Config = toml::from_str(text).map_err(|error| {
+        let mut file: FileTables = toml::from_str(text).map_err(|error| {
             let span = error.span();
             let key = span
                 .clone()
@@ -96,48 +129,22 @@ impl Config {
                 message: error.message().trim().to_owned(),
             }
         })?;
-        config
-            .expand_environment(&env)
+        file.expand_environment(&env)
             .map_err(|p| locate(p.key, p.message))?;
+        let config = Config {
+            store: file
+                .store
+                .into_config()
+                .map_err(|p| locate(p.key, p.message))?,
+            proxy: file.proxy,
+            admin: file.admin,
+            idempotency: file.idempotency,
+            routes: file.routes,
+        };
         config
             .validate_problems()
             .map_err(|p| locate(p.key, p.message))?;
         Ok(config)
-    }
-
-    fn expand_environment(&mut self, env: &impl Fn(&str) -> Option<String>) -> Result<(), Problem> {
-        if let Some(url) = &self.store.url {
-            self.store.url =
-                Some(expand(url, env).map_err(|m| problem(KeyPath::of(&["store", "url"]), m))?);
-        }
-        if let Some(url) = env(STORE_URL_ENV).filter(|url| !url.is_empty()) {
-            self.store.url = Some(url);
-        }
-        if let Some(admin) = &mut self.admin {
-            if let Some(token) = env(ADMIN_TOKEN_ENV).filter(|token| !token.is_empty()) {
-                admin.token = Some(token);
-            }
-            if admin.token.as_deref() == Some("") {
-                return Err(problem(
-                    KeyPath::of(&["admin", "token"]),
-                    "must not be empty (leave it out to serve the record endpoints to loopback \
-                     peers only)",
-                ));
-            }
-        }
-        for (i, url) in self.store.urls.iter_mut().enumerate() {
-            *url = expand(url, env).map_err(|m| {
-                problem(
-                    KeyPath(vec![
-                        KeySegment::Key("store".into()),
-                        KeySegment::Key("urls".into()),
-                        KeySegment::Index(i),
-                    ]),
-                    m,
-                )
-            })?;
-        }
-        Ok(())
     }
 
     /// Checks that the values work together, naming the first key that does not.

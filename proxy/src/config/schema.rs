@@ -80,112 +80,6 @@ pub struct AdminConfig {
     pub token: Option<String>,
 }
 
-/// Which store backend to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum Backend {
-    /// In-process: fast, forgotten on restart, one proxy only.
-    #[default]
-    Memory,
-    /// An embedded SQLite file: durable, one proxy process per file.
-    Sqlite,
-    /// PostgreSQL: shared by many proxies.
-    Postgres,
-    /// A standalone Redis server: shared by many proxies.
-    Redis,
-    /// A Redis Cluster: shared by many proxies.
-    RedisCluster,
-}
-
-impl Backend {
-    /// The name used in the configuration.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Memory => "memory",
-            Self::Sqlite => "sqlite",
-            Self::Postgres => "postgres",
-            Self::Redis => "redis",
-            Self::RedisCluster => "redis-cluster",
-        }
-    }
-}
-
-/// `[store]`: the backend and its connection settings.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StoreConfig {
-    /// `memory`, `sqlite`, `postgres`, `redis` or `redis-cluster`.
-    #[serde(default)]
-    pub backend: Backend,
-    /// Connection URL for `sqlite` (`sqlite://file.db`), `postgres` (`postgres://...`) and
-    /// `redis` (`redis://...`). `${VAR}` is replaced by the environment variable `VAR`, and the
-    /// `IDEMPOTENCY_STORE_URL` variable, when set, replaces the whole value.
-    #[serde(default)]
-    pub url: Option<String>,
-    /// Node URLs of a `redis-cluster` (any subset of the nodes; `${VAR}` expanded).
-    #[serde(default)]
-    pub urls: Vec<String>,
-    /// Longest a single store call may take before it counts as a store error.
-    #[serde(default = "defaults::store_timeout", with = "humantime_serde")]
-    pub timeout: Duration,
-    /// How often a request waiting on an in-flight key (`on_conflict = "wait"`) looks at the
-    /// store without a notification; this is what finds a lease whose holder died.
-    #[serde(default = "defaults::poll_interval", with = "humantime_serde")]
-    pub poll_interval: Duration,
-    /// `postgres`: schema of the records table.
-    #[serde(default)]
-    pub schema: Option<String>,
-    /// `postgres`: name of the records table.
-    #[serde(default)]
-    pub table: Option<String>,
-    /// `postgres`: size of the connection pool.
-    #[serde(default)]
-    pub max_connections: Option<u32>,
-    /// `sqlite` and `postgres`: how often expired records are deleted (`0s` disables).
-    #[serde(default, with = "humantime_serde")]
-    pub reaper_interval: Option<Duration>,
-    /// `sqlite` and `postgres`: rows deleted per reaper statement.
-    #[serde(default)]
-    pub reaper_batch: Option<u32>,
-    /// `redis` and `redis-cluster`: prefix of every key the store writes.
-    #[serde(default)]
-    pub prefix: Option<String>,
-    /// `postgres`: apply the schema at start-up (as `idempotency-proxy migrate` does). Turn off
-    /// when the proxy's database role may not change the schema.
-    #[serde(default = "defaults::auto_migrate")]
-    pub auto_migrate: bool,
-    /// Most bytes (bodies, headers, bookkeeping) of completed records this process keeps to
-    /// answer replays without a store call. `0`, the default, turns the replay cache off; set it
-    /// together with `replay_cache_entries`. Only stores that report forgets to every process
-    /// can use it: for the others the cache stays off (with a warning at start).
-    #[serde(default)]
-    pub replay_cache_bytes: ByteSize,
-    /// Most completed records kept in the replay cache; `0`, the default, turns it off.
-    #[serde(default)]
-    pub replay_cache_entries: usize,
-}
-
-impl Default for StoreConfig {
-    fn default() -> Self {
-        Self {
-            backend: Backend::Memory,
-            url: None,
-            urls: Vec::new(),
-            timeout: defaults::store_timeout(),
-            poll_interval: defaults::poll_interval(),
-            schema: None,
-            table: None,
-            max_connections: None,
-            reaper_interval: None,
-            reaper_batch: None,
-            prefix: None,
-            auto_migrate: true,
-            replay_cache_bytes: ByteSize::b(0),
-            replay_cache_entries: 0,
-        }
-    }
-}
-
 /// `reject` or `wait`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -436,15 +330,6 @@ mod defaults {
     }
     pub(super) fn admin_listen() -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], 9091))
-    }
-    pub(super) fn store_timeout() -> Duration {
-        Duration::from_secs(5)
-    }
-    pub(super) fn poll_interval() -> Duration {
-        Duration::from_secs(1)
-    }
-    pub(super) fn auto_migrate() -> bool {
-        true
     }
     pub(super) fn merge_slashes() -> bool {
         true

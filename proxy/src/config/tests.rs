@@ -43,13 +43,19 @@ fn the_design_example_parses_with_its_routes() {
         Duration::from_secs(48 * 3600)
     );
     assert!(!routes.policy_for("/feed/x").enabled);
-    assert_eq!(config.store.backend, Backend::Sqlite);
+    assert_eq!(
+        config.store.backend,
+        StoreBackend::Sqlite(SqliteConfig {
+            url: "sqlite://idempotency.db".to_owned(),
+            reaper: ReaperConfig::default(),
+        })
+    );
 }
 
 #[test]
 fn a_minimal_file_uses_the_defaults() {
     let config = parse(MINIMAL).expect("minimal config");
-    assert_eq!(config.store.backend, Backend::Memory);
+    assert_eq!(config.store.backend, StoreBackend::Memory);
     assert!(config.admin.is_none());
     assert_eq!(
         config.routes().expect("routes").default_policy(),
@@ -275,10 +281,7 @@ fn store_urls_expand_environment_variables() {
         "{MINIMAL}\n[store]\nbackend = \"postgres\"\nurl = \"postgres://app:${{PGPASSWORD}}@db/app\"\n"
     ))
     .expect("config");
-    assert_eq!(
-        config.store.url.as_deref(),
-        Some("postgres://app:s3cret@db/app")
-    );
+    assert_eq!(store_url(&config), "postgres://app:s3cret@db/app");
 
     let (key, line, message) = error(&format!(
         "{MINIMAL}\n[store]\nbackend = \"postgres\"\nurl = \"postgres://${{MISSING}}@db\"\n"
@@ -295,7 +298,174 @@ fn the_store_url_variable_overrides_the_file() {
         |name| (name == STORE_URL_ENV).then(|| "redis://env".to_owned()),
     )
     .expect("config");
-    assert_eq!(config.store.url.as_deref(), Some("redis://env"));
+    assert_eq!(store_url(&config), "redis://env");
+}
+
+fn store_url(config: &Config) -> &str {
+    match &config.store.backend {
+        StoreBackend::Sqlite(SqliteConfig { url, .. })
+        | StoreBackend::Postgres(PostgresConfig { url, .. })
+        | StoreBackend::Redis(RedisConfig { url, .. }) => url,
+        other => panic!("{other:?} has no url"),
+    }
+}
+
+#[test]
+fn each_backend_parses_with_its_own_keys() {
+    let reaper = "reaper_interval = \"1m\"\nreaper_batch = 50\n";
+    let reaper_config = ReaperConfig {
+        interval: Some(Duration::from_secs(60)),
+        batch: Some(50),
+    };
+    for (section, expected) in [
+        ("backend = \"memory\"\n".to_owned(), StoreBackend::Memory),
+        (
+            format!("backend = \"sqlite\"\nurl = \"sqlite://x.db\"\n{reaper}"),
+            StoreBackend::Sqlite(SqliteConfig {
+                url: "sqlite://x.db".to_owned(),
+                reaper: reaper_config.clone(),
+            }),
+        ),
+        (
+            format!(
+                "backend = \"postgres\"\nurl = \"postgres://db/app\"\nschema = \"s\"\n\
+                 table = \"t\"\nmax_connections = 3\nauto_migrate = false\n{reaper}"
+            ),
+            StoreBackend::Postgres(PostgresConfig {
+                url: "postgres://db/app".to_owned(),
+                schema: Some("s".to_owned()),
+                table: Some("t".to_owned()),
+                max_connections: Some(3),
+                reaper: reaper_config.clone(),
+                auto_migrate: false,
+            }),
+        ),
+        (
+            "backend = \"redis\"\nurl = \"rediss://cache\"\nprefix = \"p\"\n".to_owned(),
+            StoreBackend::Redis(RedisConfig {
+                url: "rediss://cache".to_owned(),
+                prefix: Some("p".to_owned()),
+            }),
+        ),
+        (
+            "backend = \"redis-cluster\"\nurls = [\"redis://a\", \"redis://b\"]\n\
+             prefix = \"p\"\n"
+                .to_owned(),
+            StoreBackend::RedisCluster(RedisClusterConfig {
+                urls: vec!["redis://a".to_owned(), "redis://b".to_owned()],
+                prefix: Some("p".to_owned()),
+            }),
+        ),
+    ] {
+        let text = format!("{MINIMAL}\n[store]\n{section}timeout = \"2s\"\n");
+        let config = parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(config.store.backend, expected);
+        assert_eq!(
+            config.store.timeout,
+            Duration::from_secs(2),
+            "shared keys too"
+        );
+    }
+    let postgres = parse(&format!(
+        "{MINIMAL}\n[store]\nbackend = \"postgres\"\nurl = \"postgres://db\"\n"
+    ))
+    .expect("config");
+    assert!(
+        matches!(&postgres.store.backend, StoreBackend::Postgres(p) if p.auto_migrate),
+        "auto_migrate defaults to true"
+    );
+}
+
+#[test]
+fn a_key_of_another_backend_is_named_with_its_line() {
+    for (section, expected_key, line, message_has) in [
+        (
+            "backend = \"postgres\"\nurl = \"postgres://db\"\nprefix = \"p\"",
+            "store.prefix",
+            9,
+            "only applies to the redis and redis-cluster backends, not postgres",
+        ),
+        (
+            "backend = \"redis\"\nurl = \"redis://x\"\nschema = \"s\"",
+            "store.schema",
+            9,
+            "only applies to the postgres backend, not redis",
+        ),
+        (
+            "backend = \"redis-cluster\"\nurl = \"redis://x\"",
+            "store.url",
+            8,
+            "only applies to the sqlite, postgres and redis backends, not redis-cluster",
+        ),
+        (
+            "backend = \"redis\"\nurls = [\"redis://x\"]",
+            "store.urls",
+            8,
+            "only applies to the redis-cluster backend, not redis",
+        ),
+        (
+            "reaper_batch = 10",
+            "store.reaper_batch",
+            7,
+            "only applies to the sqlite and postgres backends, not memory",
+        ),
+        (
+            "backend = \"sqlite\"\nurl = \"sqlite://x\"\nauto_migrate = false",
+            "store.auto_migrate",
+            9,
+            "not sqlite",
+        ),
+        // The key's own line, wherever `backend` is.
+        (
+            "max_connections = 4\nurl = \"sqlite://x\"\nbackend = \"sqlite\"",
+            "store.max_connections",
+            7,
+            "only applies to the postgres backend, not sqlite",
+        ),
+    ] {
+        let (key, got_line, message) = error(&format!("{MINIMAL}\n[store]\n{section}\n"));
+        assert_eq!(key.as_deref(), Some(expected_key), "{message}");
+        assert_eq!(got_line, Some(line), "{message}");
+        assert!(message.contains(message_has), "{message}");
+    }
+}
+
+#[test]
+fn an_unknown_backend_names_the_allowed_ones() {
+    let (key, line, message) = error(&format!("{MINIMAL}\n[store]\nbackend = \"mysql\"\n"));
+    assert_eq!(key.as_deref(), Some("store.backend"), "{message}");
+    assert_eq!(line, Some(7), "{message}");
+    for name in [
+        "mysql",
+        "memory",
+        "sqlite",
+        "postgres",
+        "redis",
+        "redis-cluster",
+    ] {
+        assert!(
+            message.contains(&format!("`{name}`")),
+            "{name} in {message}"
+        );
+    }
+}
+
+#[test]
+fn the_store_url_variable_needs_a_backend_with_a_url() {
+    let env = |name: &str| (name == STORE_URL_ENV).then(|| "postgres://env".to_owned());
+    let config = Config::parse(
+        &format!("{MINIMAL}\n[store]\nbackend = \"postgres\"\n"),
+        env,
+    )
+    .expect("the url from the environment alone");
+    assert_eq!(store_url(&config), "postgres://env");
+    let error = Config::parse(&format!("{MINIMAL}\n[store]\nbackend = \"memory\"\n"), env)
+        .expect_err("memory takes no url");
+    assert_eq!(
+        error.key().map(ToString::to_string).as_deref(),
+        Some("store.url")
+    );
+    assert!(error.to_string().contains(STORE_URL_ENV), "{error}");
 }
 
 #[test]

@@ -8,6 +8,7 @@ use tower_idempotency::{Anonymous, Mode, OnConflict, OnStoreError, Policy, Route
 use super::Config;
 use super::errors::{KeyPath, Problem, problem};
 use super::schema::*;
+use super::store::*;
 
 impl Config {
     pub(super) fn validate_problems(&self) -> Result<(), Problem> {
@@ -49,13 +50,11 @@ impl Config {
 
     pub(super) fn validate_store(&self) -> Result<(), Problem> {
         let store = &self.store;
-        let key = |field: &str| KeyPath::of(&["store", field]);
-        let backend = store.backend;
         if store.timeout.is_zero() {
-            return Err(problem(key("timeout"), "must be positive"));
+            return Err(problem(store_key("timeout"), "must be positive"));
         }
         if store.poll_interval.is_zero() {
-            return Err(problem(key("poll_interval"), "must be positive"));
+            return Err(problem(store_key("poll_interval"), "must be positive"));
         }
         match (
             store.replay_cache_bytes.as_u64(),
@@ -64,126 +63,56 @@ impl Config {
             (0, 0) => {}
             (0, _) => {
                 return Err(problem(
-                    key("replay_cache_bytes"),
+                    store_key("replay_cache_bytes"),
                     "must be positive when replay_cache_entries is set (both 0: no replay cache)",
                 ));
             }
             (_, 0) => {
                 return Err(problem(
-                    key("replay_cache_entries"),
+                    store_key("replay_cache_entries"),
                     "must be positive when replay_cache_bytes is set (both 0: no replay cache)",
                 ));
             }
             _ => {}
         }
-        let url_scheme = |schemes: &[&str]| -> Result<(), Problem> {
-            let Some(url) = store.url.as_deref().filter(|url| !url.is_empty()) else {
-                return Err(problem(
-                    key("url"),
-                    format!("the {} backend needs a url", backend.as_str()),
-                ));
-            };
-            if !schemes
-                .iter()
-                .any(|scheme| url.starts_with(&format!("{scheme}:")))
-            {
-                return Err(problem(
-                    key("url"),
-                    format!(
-                        "a {} url starts with {}",
-                        backend.as_str(),
-                        schemes
-                            .iter()
-                            .map(|s| format!("{s}:"))
-                            .collect::<Vec<_>>()
-                            .join(" or ")
-                    ),
-                ));
+        match &store.backend {
+            StoreBackend::Memory => {}
+            StoreBackend::Sqlite(sqlite) => {
+                url_scheme(Backend::Sqlite, &sqlite.url, &["sqlite"])?;
+                reaper_checked(&sqlite.reaper)?;
             }
-            Ok(())
-        };
-        match backend {
-            Backend::Memory => {}
-            Backend::Sqlite => url_scheme(&["sqlite"])?,
-            Backend::Postgres => url_scheme(&["postgres", "postgresql"])?,
-            Backend::Redis => url_scheme(&["redis", "rediss", "redis+unix", "unix"])?,
-            Backend::RedisCluster => {
-                if store.urls.is_empty() {
-                    return Err(problem(key("urls"), "the redis-cluster backend needs urls"));
-                }
-                if let Some(url) = store.urls.iter().find(|url| !url.starts_with("redis")) {
+            StoreBackend::Postgres(postgres) => {
+                url_scheme(
+                    Backend::Postgres,
+                    &postgres.url,
+                    &["postgres", "postgresql"],
+                )?;
+                postgres_checked(postgres)?;
+                reaper_checked(&postgres.reaper)?;
+            }
+            StoreBackend::Redis(redis) => {
+                url_scheme(
+                    Backend::Redis,
+                    &redis.url,
+                    &["redis", "rediss", "redis+unix", "unix"],
+                )?;
+                prefix_checked(redis.prefix.as_deref())?;
+            }
+            StoreBackend::RedisCluster(cluster) => {
+                if cluster.urls.is_empty() {
                     return Err(problem(
-                        key("urls"),
+                        store_key("urls"),
+                        "the redis-cluster backend needs urls",
+                    ));
+                }
+                if let Some(url) = cluster.urls.iter().find(|url| !url.starts_with("redis")) {
+                    return Err(problem(
+                        store_key("urls"),
                         format!("{url:?} is not a redis:// url"),
                     ));
                 }
+                prefix_checked(cluster.prefix.as_deref())?;
             }
-        }
-        let applies = |field: &str, set: bool, backends: &[Backend]| -> Result<(), Problem> {
-            if set && !backends.contains(&backend) {
-                let names: Vec<_> = backends.iter().map(|b| b.as_str()).collect();
-                return Err(problem(
-                    key(field),
-                    format!(
-                        "only applies to the {} backend, not {}",
-                        names.join(" and "),
-                        backend.as_str()
-                    ),
-                ));
-            }
-            Ok(())
-        };
-        applies(
-            "url",
-            store.url.is_some(),
-            &[Backend::Sqlite, Backend::Postgres, Backend::Redis],
-        )?;
-        applies("urls", !store.urls.is_empty(), &[Backend::RedisCluster])?;
-        applies("schema", store.schema.is_some(), &[Backend::Postgres])?;
-        applies("table", store.table.is_some(), &[Backend::Postgres])?;
-        applies(
-            "max_connections",
-            store.max_connections.is_some(),
-            &[Backend::Postgres],
-        )?;
-        applies(
-            "reaper_interval",
-            store.reaper_interval.is_some(),
-            &[Backend::Sqlite, Backend::Postgres],
-        )?;
-        applies(
-            "reaper_batch",
-            store.reaper_batch.is_some(),
-            &[Backend::Sqlite, Backend::Postgres],
-        )?;
-        applies(
-            "prefix",
-            store.prefix.is_some(),
-            &[Backend::Redis, Backend::RedisCluster],
-        )?;
-        // The store's own checks, so the file is refused for exactly what the store refuses.
-        #[cfg(feature = "postgres")]
-        for (field, name) in [("schema", &store.schema), ("table", &store.table)] {
-            if let Some(name) = name
-                && let Err(invalid) = tower_idempotency::store::validate_sql_identifier(field, name)
-            {
-                return Err(problem(key(field), invalid.to_string()));
-            }
-        }
-        if store.max_connections == Some(0) {
-            return Err(problem(key("max_connections"), "must be at least 1"));
-        }
-        if store.reaper_batch == Some(0) {
-            return Err(problem(key("reaper_batch"), "must be at least 1"));
-        }
-        #[cfg(feature = "redis")]
-        if let Some(prefix) = &store.prefix
-            && !tower_idempotency::store::is_valid_key_prefix(prefix)
-        {
-            return Err(problem(
-                key("prefix"),
-                "must be non-empty, without whitespace, control characters or braces",
-            ));
         }
         Ok(())
     }
@@ -346,4 +275,73 @@ fn fingerprint_from(
         )),
         _ => Ok(BodyFingerprint::Bytes),
     }
+}
+
+fn store_key(field: &str) -> KeyPath {
+    KeyPath::of(&["store", field])
+}
+
+/// `url` is set and has one of `schemes`.
+fn url_scheme(backend: Backend, url: &str, schemes: &[&str]) -> Result<(), Problem> {
+    if url.is_empty() {
+        return Err(problem(
+            store_key("url"),
+            format!("the {} backend needs a url", backend.as_str()),
+        ));
+    }
+    if !schemes
+        .iter()
+        .any(|scheme| url.starts_with(&format!("{scheme}:")))
+    {
+        let schemes: Vec<_> = schemes.iter().map(|s| format!("{s}:")).collect();
+        return Err(problem(
+            store_key("url"),
+            format!(
+                "a {} url starts with {}",
+                backend.as_str(),
+                schemes.join(" or ")
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The store's own checks of its names, so the file is refused for exactly what the store
+/// refuses.
+fn postgres_checked(postgres: &PostgresConfig) -> Result<(), Problem> {
+    #[cfg(feature = "postgres")]
+    for (field, name) in [("schema", &postgres.schema), ("table", &postgres.table)] {
+        if let Some(name) = name
+            && let Err(invalid) = tower_idempotency::store::validate_sql_identifier(field, name)
+        {
+            return Err(problem(store_key(field), invalid.to_string()));
+        }
+    }
+    if postgres.max_connections == Some(0) {
+        return Err(problem(store_key("max_connections"), "must be at least 1"));
+    }
+    Ok(())
+}
+
+fn reaper_checked(reaper: &ReaperConfig) -> Result<(), Problem> {
+    if reaper.batch == Some(0) {
+        return Err(problem(store_key("reaper_batch"), "must be at least 1"));
+    }
+    Ok(())
+}
+
+/// The Redis store's own check of its key prefix.
+fn prefix_checked(prefix: Option<&str>) -> Result<(), Problem> {
+    #[cfg(feature = "redis")]
+    if let Some(prefix) = prefix
+        && !tower_idempotency::store::is_valid_key_prefix(prefix)
+    {
+        return Err(problem(
+            store_key("prefix"),
+            "must be non-empty, without whitespace, control characters or braces",
+        ));
+    }
+    #[cfg(not(feature = "redis"))]
+    let _ = prefix;
+    Ok(())
 }
