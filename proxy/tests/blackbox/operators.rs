@@ -168,6 +168,47 @@ async fn dropped_headers_reach_the_first_response_but_never_a_replay() {
     assert_eq!(upstream.runs(), 1);
 }
 
+/// The seconds `Idempotency-TTL` gives, if present.
+fn kept_for(reply: &crate::support::Reply) -> Option<u64> {
+    let value = reply.headers.get("idempotency-ttl")?;
+    Some(
+        value
+            .to_str()
+            .expect("ascii")
+            .parse()
+            .expect("whole seconds"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stored_responses_tell_the_client_how_long_the_key_is_kept_unless_turned_off() {
+    let (upstream, proxy) = start(
+        "[idempotency]\nttl = \"1h\"\n\n[[route]]\npath = \"/payments/quiet\"\nexpiry_header = false\n",
+    )
+    .await;
+    let first = proxy.send(proxy.post("/payments", "k").body("1")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(
+        kept_for(&first),
+        Some(3599),
+        "an hour less the time storing took"
+    );
+    let retry = proxy.send(proxy.post("/payments", "k").body("1")).await;
+    assert!(retry.replayed());
+    let left = kept_for(&retry).expect("a replay says how long it is kept");
+    assert!((3590..=3599).contains(&left), "{left}");
+
+    let quiet = proxy
+        .send(proxy.post("/payments/quiet", "q").body("1"))
+        .await;
+    let quiet_retry = proxy
+        .send(proxy.post("/payments/quiet", "q").body("1"))
+        .await;
+    assert!(quiet_retry.replayed());
+    assert_eq!((kept_for(&quiet), kept_for(&quiet_retry)), (None, None));
+    assert_eq!(upstream.runs(), 2);
+}
+
 async fn outcome_count(proxy: &Proxy, outcome: &str) -> f64 {
     proxy
         .metric(&format!(
