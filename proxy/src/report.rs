@@ -334,30 +334,4 @@ mod tests {
             "memory by default"
         );
     }
-
-    #[test]
-    fn describes_every_route_in_match_order() {
-        let config = Config::parse(include_str!("../../examples/proxy.toml"), |_| None)
-            .expect("example config");
-        let text = describe(&config).expect("describe");
-        let payments = text.find("route /payments/**").expect("payments route");
-        let feed = text.find("route /feed/**").expect("feed route");
-        assert!(payments < feed);
-        assert!(text.contains("disabled"));
-        assert!(text.contains("2days"), "{text}");
-        assert!(
-            text.contains("never_store          408, 425, 429 and every 5xx"),
-            "{text}"
-        );
-        for line in [
-            "mode                 enforce",
-            "fingerprint          json, ignoring /meta/sent_at",
-            "docs_url             https://docs.example.com/payments/retries",
-            "replay_drop_headers  set-cookie",
-            "expiry_header        true",
-            "problem_type_base    https://docs.rs/",
-        ] {
-            assert!(text.contains(line), "{line} in {text}");
-        }
-    }
 }

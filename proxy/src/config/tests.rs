@@ -34,25 +34,6 @@ fn error(text: &str) -> (Option<String>, Option<usize>, String) {
 }
 
 #[test]
-fn the_design_example_parses_with_its_routes() {
-    let config = parse(include_str!("../../../examples/proxy.toml")).expect("example config");
-    let routes = config.routes().expect("routes");
-    assert!(routes.policy_for("/payments/1").required);
-    assert_eq!(
-        routes.policy_for("/payments/1").ttl,
-        Duration::from_secs(48 * 3600)
-    );
-    assert!(!routes.policy_for("/feed/x").enabled);
-    assert_eq!(
-        config.store.backend,
-        StoreBackend::Sqlite(SqliteConfig {
-            url: "sqlite://idempotency.db".to_owned(),
-            reaper: ReaperConfig::default(),
-        })
-    );
-}
-
-#[test]
 fn a_minimal_file_uses_the_defaults() {
     let config = parse(MINIMAL).expect("minimal config");
     assert_eq!(config.store.backend, StoreBackend::Memory);

@@ -13,6 +13,7 @@ mod support;
 
 mod body_lifecycle;
 mod callers;
+mod example_config;
 mod http2_upstream;
 mod late_outcome;
 mod lease;
