@@ -236,7 +236,7 @@ impl<St: IdempotencyStore> Keyed<St> {
                 } => {
                     if let (Some(cache), Some(mark)) = (&self.shared.replay_cache, mark) {
                         let key = self.record_key;
-                        cache.fill_replayed(mark, key, *fingerprint, &response, expires_in);
+                        cache.fill(mark, key, *fingerprint, &response, expires_in);
                     }
                     return Ok(Begun::Answered(self.replay(response, expires_in)));
                 }

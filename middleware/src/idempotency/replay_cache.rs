@@ -126,7 +126,7 @@ impl ReplayCache {
     }
 
     /// To be taken just before the `complete` or `begin` call whose record [`fill`](Self::fill)
-    /// or [`fill_replayed`](Self::fill_replayed) caches.
+    /// caches.
     pub(crate) fn mark(&self) -> Mark {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         state.apply_forgets();
@@ -136,35 +136,21 @@ impl ReplayCache {
         }
     }
 
-    /// Caches a record this process just completed with `ttl`, unless a forget arrived since
-    /// `mark` (it may concern this record: skipping is always safe).
+    /// Caches a completed record for `lifetime` from `mark`, unless a forget arrived since `mark`
+    /// (it may concern this record: skipping is always safe). `lifetime` is either the `ttl` of a
+    /// `complete` call started after `mark`, or the time the store said a record has left in a
+    /// `begin` call started after `mark`: both are measured after `mark` was taken, so the entry
+    /// never outlives the record. The second caches a record another process completed on its
+    /// first replay here.
     pub(crate) fn fill(
         &self,
         mark: Mark,
         key: RecordKey,
         fingerprint: Fingerprint,
         response: &StoredResponse,
-        ttl: Duration,
+        lifetime: Duration,
     ) {
-        let Some(expires) = mark.taken.checked_add(ttl) else {
-            return;
-        };
-        self.insert(mark.forgets_seen, key, fingerprint, response, expires);
-    }
-
-    /// Caches a completed record that a `begin` call, started after `mark`, read from the store
-    /// with `expires_in` left. The store measured that time after `mark` was taken, so the entry
-    /// expires no later than the record; a record completed by another process is thus cached on
-    /// its first replay here.
-    pub(crate) fn fill_replayed(
-        &self,
-        mark: Mark,
-        key: RecordKey,
-        fingerprint: Fingerprint,
-        response: &StoredResponse,
-        expires_in: Duration,
-    ) {
-        let Some(expires) = mark.taken.checked_add(expires_in) else {
+        let Some(expires) = mark.taken.checked_add(lifetime) else {
             return;
         };
         self.insert(mark.forgets_seen, key, fingerprint, response, expires);
