@@ -8,19 +8,12 @@
 mod redis_support;
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
-use bytes::Bytes;
-use http::{HeaderMap, StatusCode};
-use tower_idempotency::fingerprint::Fingerprint;
-use tower_idempotency::{
-    Begin, IdempotencyStore, LeaseToken, RecordKey, RedisStore, Scope, StoredResponse,
-};
+use test_fixtures::records::{NOTIFY_WITHIN, acquire, key, replayed, response};
+use tower_idempotency::conformance::LONG;
+use tower_idempotency::{IdempotencyStore, RecordKey, RedisStore};
 
 use redis_support::{RedisCluster, raw_connection, unique_prefix};
-
-const LONG: Duration = Duration::from_secs(600);
-const NOTIFY_WITHIN: Duration = Duration::from_secs(5);
 
 async fn connect(urls: &[String], prefix: &str) -> RedisStore {
     RedisStore::cluster_builder(urls)
@@ -28,29 +21,6 @@ async fn connect(urls: &[String], prefix: &str) -> RedisStore {
         .connect()
         .await
         .unwrap_or_else(|error| panic!("cannot connect to the test cluster {urls:?}: {error}"))
-}
-
-fn key(name: &str) -> RecordKey {
-    RecordKey::new(&Scope::from_bytes(b"redis-cluster-tests"), name.as_bytes())
-}
-
-fn fingerprint() -> Fingerprint {
-    Fingerprint::from_bytes([1; 32])
-}
-
-fn response(body: &'static str) -> StoredResponse {
-    StoredResponse::new(
-        StatusCode::OK,
-        HeaderMap::new(),
-        Bytes::from_static(body.as_bytes()),
-    )
-}
-
-async fn acquire(store: &RedisStore, key: &RecordKey) -> LeaseToken {
-    match store.begin(key, &fingerprint(), LONG).await {
-        Ok(Begin::Acquired { token, .. }) => token,
-        other => panic!("expected to acquire a free key, got {other:?}"),
-    }
 }
 
 /// The record keys of `prefix` held by each node (KEYS only sees the node it is sent to).
@@ -107,7 +77,7 @@ async fn the_store_contract_holds_on_a_three_master_cluster() {
     let mut tokens = BTreeMap::new();
     for i in 0..32 {
         let key = key(&format!("notify-{i}"));
-        tokens.insert(key, acquire(&worker, &key).await);
+        tokens.insert(key, acquire(&worker, &key, LONG).await);
     }
     let per_node = keys_per_node(&cluster, &prefix).await;
     assert!(
@@ -127,15 +97,7 @@ async fn the_store_contract_holds_on_a_three_master_cluster() {
         tokio::time::timeout(NOTIFY_WITHIN, woken)
             .await
             .expect("a completion on any master must reach the subscriber");
-        assert_eq!(
-            waiter
-                .begin(&key, &fingerprint(), LONG)
-                .await
-                .unwrap()
-                .completed()
-                .cloned(),
-            Some(response("done"))
-        );
+        assert_eq!(replayed(&waiter, &key).await, Some(response("done")));
     }
 
     // Phase 4: after every node forgot the scripts, calls routed to each master reload them.
@@ -152,7 +114,7 @@ async fn the_store_contract_holds_on_a_three_master_cluster() {
             .release(&key, tokens[&key])
             .await
             .expect("release after SCRIPT FLUSH");
-        let token = acquire(&worker, &key).await;
+        let token = acquire(&worker, &key, LONG).await;
         worker
             .complete(&key, token, &response("again"), LONG)
             .await

@@ -97,12 +97,7 @@ async fn a_takeover_after_kill_9_forwards_a_larger_token_and_attempt_2() {
         .body("x")
         .send();
     let abandoned = tokio::spawn(slow);
-    eventually(
-        Duration::from_secs(10),
-        "the request to reach the upstream",
-        async || upstream.started_of("orphan") == 1,
-    )
-    .await;
+    upstream.wait_until_reached("orphan").await;
     doomed.kill();
     let _ = abandoned.await;
 

@@ -39,12 +39,7 @@ async fn sigterm_waits_for_work_whose_client_left_and_stores_it() {
         .body("x")
         .send();
     let client = tokio::spawn(request);
-    eventually(
-        Duration::from_secs(5),
-        "the request to reach the upstream",
-        async || upstream.started_of("left-before-sigterm") == 1,
-    )
-    .await;
+    upstream.wait_until_reached("left-before-sigterm").await;
     // The client leaves (its connection closes), and the proxy has time to notice, so the work
     // moves to a task of its own that no connection waits for.
     client.abort();
@@ -84,12 +79,7 @@ async fn sighup_keeps_a_request_in_flight_and_the_proxy_running() {
     let request = proxy.post("/payments?ms=1000", "hup").body("x").send();
     let in_flight =
         tokio::spawn(async move { Reply::read(request.await.expect("in-flight request")).await });
-    eventually(
-        Duration::from_secs(5),
-        "the request to reach the upstream",
-        async || upstream.started_of("hup") == 1,
-    )
-    .await;
+    upstream.wait_until_reached("hup").await;
     reload_with(&proxy, &text);
     let reply = in_flight.await.expect("task");
     assert_eq!(reply.status, StatusCode::CREATED, "{reply:?}");

@@ -2,7 +2,6 @@
 //! `/records/{key}`, against a running proxy and the Redis store they share.
 
 use std::process::Command;
-use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -124,12 +123,7 @@ async fn records_cli_ends_a_stuck_lease_only_with_force() {
         "--path",
         "/payments",
     ];
-    crate::support::eventually(
-        Duration::from_secs(5),
-        "the request holds its lease",
-        || async { upstream.started_of("stuck") == 1 },
-    )
-    .await;
+    upstream.wait_until_reached("stuck").await;
 
     let (_, shown, _) = records_cli(
         &proxy,
@@ -249,12 +243,7 @@ async fn admin_records_without_a_token_answer_loopback_with_the_callers_own_head
     let upstream = Upstream::start().await;
     let proxy = Proxy::start(&config(&upstream.url, &redis_section()));
     let slow = tokio::spawn(alice(&proxy, "stuck-9").header("x-delay-ms", "3000").send());
-    crate::support::eventually(
-        Duration::from_secs(5),
-        "the request holds its lease",
-        || async { upstream.started_of("stuck-9") == 1 },
-    )
-    .await;
+    upstream.wait_until_reached("stuck-9").await;
     let path = "/records/stuck-9?path=/payments";
     let scope = ("authorization", "Bearer alice");
     let in_flight = admin(&proxy, reqwest::Method::DELETE, path, &[scope]).await;

@@ -1,5 +1,5 @@
 //! Proxy processes sharing one Redis Cluster (the races and outages every store shares are in
-//! `stores.rs`).
+//! `stores/`).
 
 use std::sync::Arc;
 

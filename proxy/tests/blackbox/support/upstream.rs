@@ -102,6 +102,16 @@ impl Upstream {
             .unwrap_or(0)
     }
 
+    /// Waits until one request with `key` has reached the upstream (its call is running), failing
+    /// the test after ten seconds.
+    pub async fn wait_until_reached(&self, key: &str) {
+        let what = format!("the request {key} to reach the upstream");
+        test_fixtures::eventually(Duration::from_secs(10), &what, async || {
+            self.started_of(key) == 1
+        })
+        .await;
+    }
+
     /// Every key and how often it ran.
     pub fn runs_by_key(&self) -> HashMap<String, usize> {
         self.counts.by_key.lock().expect("counts").clone()
