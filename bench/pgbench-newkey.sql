@@ -1,9 +1,9 @@
 -- pgbench custom script: the two statements PostgresStore runs for one new-key request, as
--- written in middleware/src/store/postgres.rs (Statements::new): `begin` (which inserts the
+-- written in middleware/src/store/postgres/statements.rs (Statements::new): `begin` (which inserts the
 -- lease and returns its token) and `complete` (which stores the response under that token and,
 -- only for a watched row, NOTIFYs). One pgbench transaction = one new-key request's worth of store work.
 -- These are the store's single-request statements: under concurrency the store merges calls into
--- batch statements (middleware/src/store/pg_batch.rs); this script is the one-transaction-per-request
+-- batch statements (middleware/src/store/postgres/batch.rs); this script is the one-transaction-per-request
 -- baseline that issue 14's target is measured against.
 --
 -- Differences from the proxy, kept as small as pgbench allows: the key is sha256 of a random

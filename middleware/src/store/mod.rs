@@ -55,13 +55,9 @@ mod batch;
 pub use batch::STORE_BATCH_SIZE;
 
 #[cfg(feature = "postgres")]
-mod pg_batch;
-#[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(feature = "postgres")]
 pub use postgres::{PostgresStore, PostgresStoreBuilder};
-#[cfg(feature = "postgres")]
-mod postgres_tx;
 
 #[cfg(feature = "sqlite")]
 mod sqlite;

@@ -1,12 +1,16 @@
 //! What the SQL stores ([`PostgresStore`](super::PostgresStore) and
-//! [`SqliteStore`](super::SqliteStore)) share: identifier validation, time conversions and the
-//! reaper task that deletes expired rows.
+//! [`SqliteStore`](super::SqliteStore)) share: identifier validation, time conversions, the
+//! decoding of the rows `begin`, `inspect` and `forget` return, and the reaper task that deletes
+//! expired rows.
 
 use std::future::Future;
 use std::sync::Weak;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use super::StoreError;
+use bytes::Bytes;
+
+use super::{Forgotten, LeaseToken, RecordInfo, RecordState, StoreError};
+use crate::fingerprint::Fingerprint;
 
 /// Counter of expired records deleted by the SQL stores' reapers, labelled `backend`
 /// (`postgres` or `sqlite`). Incremented after every batch, through the [`metrics`] facade.
@@ -114,8 +118,8 @@ pub(crate) fn default_pool_size() -> u32 {
     u32::try_from(cores.saturating_mul(2).saturating_add(2)).unwrap_or(u32::MAX)
 }
 
-/// The lease token column as a [`LeaseToken`](super::LeaseToken) value. Tokens come from
-/// sequences that start at 1, so a negative one means the row was written by something else.
+/// The lease token column as a [`LeaseToken`] value. Tokens come from sequences that start at 1,
+/// so a negative one means the row was written by something else.
 pub(crate) fn token_from_column(token: i64) -> Result<u64, StoreError> {
     u64::try_from(token)
         .map_err(|_| StoreError::backend(format!("stored lease token {token} is negative")))
@@ -137,7 +141,7 @@ where
     let attempt: i64 = row.try_get(at).map_err(StoreError::backend)?;
     let name: Option<String> = row.try_get(at + 1).map_err(StoreError::backend)?;
     let data: Option<Vec<u8>> = row.try_get(at + 2).map_err(StoreError::backend)?;
-    let attempt = u32::try_from(attempt.max(1)).unwrap_or(u32::MAX);
+    let attempt = attempt_from_column(attempt);
     let recovery_point = match name {
         None => None,
         Some(name) => Some(
@@ -146,6 +150,82 @@ where
         ),
     };
     Ok((attempt, recovery_point))
+}
+
+/// The `attempt` column as the run count it is: at least 1 (a row written before attempts were
+/// counted holds the first run).
+pub(crate) fn attempt_from_column(attempt: i64) -> u32 {
+    u32::try_from(attempt.max(1)).unwrap_or(u32::MAX)
+}
+
+/// The live record of an `inspect` row: columns 0 `fingerprint`, 1 `token`, 2 `response`
+/// (`NULL` in flight), 4 `attempt` and 5 `checkpoint_name`. Column 3, the expiry, is stored
+/// differently by each backend; the caller reads it into `expires_at`.
+pub(crate) fn record_from_row<R>(row: &R, expires_at: SystemTime) -> Result<RecordInfo, StoreError>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<Vec<u8>>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let fingerprint: Vec<u8> = row.try_get(0).map_err(StoreError::backend)?;
+    let fingerprint = <[u8; 32]>::try_from(fingerprint)
+        .map(Fingerprint::from_bytes)
+        .map_err(|_| StoreError::backend("stored fingerprint is not 32 bytes"))?;
+    let token: i64 = row.try_get(1).map_err(StoreError::backend)?;
+    let response: Option<Vec<u8>> = row.try_get(2).map_err(StoreError::backend)?;
+    let attempt: i64 = row.try_get(4).map_err(StoreError::backend)?;
+    let checkpoint: Option<String> = row.try_get(5).map_err(StoreError::backend)?;
+    match response {
+        Some(response) => RecordInfo::completed(fingerprint, expires_at, Bytes::from(response)),
+        None => Ok(RecordInfo::new(
+            fingerprint,
+            expires_at,
+            RecordState::InFlight {
+                token: LeaseToken(token_from_column(token)?),
+                attempt: attempt_from_column(attempt),
+                checkpoint,
+            },
+        )),
+    }
+}
+
+/// What `forget` did, from the row its `DELETE ... RETURNING token, in_flight, attempt` returned
+/// (`None`: it deleted nothing). `live` reads the record still there; it runs only when nothing
+/// was deleted.
+pub(crate) async fn forgotten<R>(
+    deleted: Option<R>,
+    live: impl Future<Output = Result<Option<RecordInfo>, StoreError>>,
+) -> Result<Forgotten, StoreError>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let Some(row) = deleted else {
+        // Nothing deleted: either nothing is live, or a lease holds the key and no force.
+        return Ok(match live.await? {
+            Some(RecordInfo {
+                state: RecordState::InFlight { token, attempt, .. },
+                ..
+            }) => Forgotten::InFlight { token, attempt },
+            _ => Forgotten::NotFound,
+        });
+    };
+    let token: i64 = row.try_get(0).map_err(StoreError::backend)?;
+    let in_flight: bool = row.try_get(1).map_err(StoreError::backend)?;
+    let attempt: i64 = row.try_get(2).map_err(StoreError::backend)?;
+    if in_flight {
+        Ok(Forgotten::LeaseEnded {
+            token: LeaseToken(token_from_column(token)?),
+            attempt: attempt_from_column(attempt),
+        })
+    } else {
+        Ok(Forgotten::Completed)
+    }
 }
 
 /// A store whose expired rows a reaper deletes.

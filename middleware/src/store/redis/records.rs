@@ -6,7 +6,8 @@ use std::sync::LazyLock;
 use bytes::Bytes;
 use redis::{Script, Value};
 
-use super::{HEADER_LEN, RedisStore, STATE_COMPLETED, STATE_IN_FLIGHT, decode_recovery_point};
+use super::RedisStore;
+use super::codec::{HEADER_LEN, STATE_COMPLETED, STATE_IN_FLIGHT, decode_recovery_point};
 use crate::fingerprint::Fingerprint;
 use crate::record::DecodeError;
 use crate::scope::RecordKey;

@@ -23,9 +23,9 @@ use sqlx::postgres::PgPool;
 use sqlx::{AssertSqlSafe, Row, SqlSafeStr, SqlStr};
 use std::sync::Arc;
 
-use super::batch::Execute;
-use super::postgres::MAX_BEGIN_ATTEMPTS;
-use super::{Begin, StoreError};
+use super::statements::{MAX_BEGIN_ATTEMPTS, read_begin};
+use crate::store::batch::Execute;
+use crate::store::{Begin, StoreError};
 
 /// How many batches of each operation may be in flight at once. Two keep a batch gathering
 /// while another is on the wire, and leave the rest of the pool to `renew`, `release`, `watch`
@@ -70,7 +70,7 @@ pub(super) struct Completes {
 /// The batch statements on table `t` (a quoted, validated `"schema"."table"`).
 pub(super) fn statements(t: &str) -> (SqlStr, SqlStr) {
     let sql = |text: String| AssertSqlSafe(Arc::<str>::from(text)).into_sql_str();
-    // Must match the takeover of the single-request `begin` in postgres.rs.
+    // Must match the takeover of the single-request `begin` in `statements.rs`.
     let same_run = "r.response IS NULL AND r.fingerprint = excluded.fingerprint";
     let begin = sql(format!(
         "WITH input AS ( \
@@ -199,7 +199,7 @@ impl Begins {
                 .fetch_one(&self.pool)
                 .await
                 .map_err(StoreError::backend)?;
-            return Ok(vec![super::postgres::read_begin(&row)]);
+            return Ok(vec![read_begin(&row)]);
         }
         let calls = pending.iter().map(|at| &batch[*at]);
         let keys: Vec<Vec<u8>> = calls.clone().map(|call| call.key.to_vec()).collect();
@@ -220,7 +220,7 @@ impl Begins {
             )));
         }
         // Rows come back in input order (`ORDER BY i.n`).
-        Ok(rows.iter().map(super::postgres::read_begin).collect())
+        Ok(rows.iter().map(read_begin).collect())
     }
 }
 

@@ -3,13 +3,11 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use sqlx::{AssertSqlSafe, Row, SqlSafeStr, SqlStr};
 
 use super::PostgresStore;
-use crate::fingerprint::Fingerprint;
 use crate::scope::RecordKey;
-use crate::store::{Forgotten, LeaseToken, RecordInfo, RecordState, StoreError, sql, unix_micros};
+use crate::store::{Forgotten, RecordInfo, StoreError, sql, unix_micros};
 
 /// Notifications whose payload starts with this announce a forget; the rest of the payload is
 /// the record key in hex. Completions and releases carry the bare hex key, so listeners of
@@ -60,30 +58,9 @@ impl PostgresStore {
             .await
             .map_err(StoreError::backend)?;
         let Some(row) = row else { return Ok(None) };
-        let fingerprint: Vec<u8> = row.try_get(0).map_err(StoreError::backend)?;
-        let fingerprint = <[u8; 32]>::try_from(fingerprint)
-            .map(Fingerprint::from_bytes)
-            .map_err(|_| StoreError::backend("stored fingerprint is not 32 bytes"))?;
-        let token: i64 = row.try_get(1).map_err(StoreError::backend)?;
-        let response: Option<Vec<u8>> = row.try_get(2).map_err(StoreError::backend)?;
         let expires_us: i64 = row.try_get(3).map_err(StoreError::backend)?;
         let expires_at = unix_micros(u64::try_from(expires_us).unwrap_or(0));
-        let attempt: i64 = row.try_get(4).map_err(StoreError::backend)?;
-        let checkpoint: Option<String> = row.try_get(5).map_err(StoreError::backend)?;
-        match response {
-            Some(response) => {
-                RecordInfo::completed(fingerprint, expires_at, Bytes::from(response)).map(Some)
-            }
-            None => Ok(Some(RecordInfo::new(
-                fingerprint,
-                expires_at,
-                RecordState::InFlight {
-                    token: LeaseToken(sql::token_from_column(token)?),
-                    attempt: u32::try_from(attempt.max(1)).unwrap_or(u32::MAX),
-                    checkpoint,
-                },
-            ))),
-        }
+        sql::record_from_row(&row, expires_at).map(Some)
     }
 
     pub(super) async fn forget_record(
@@ -99,29 +76,7 @@ impl PostgresStore {
             .fetch_optional(&self.inner.pool)
             .await
             .map_err(StoreError::backend)?;
-        let forgotten = match deleted {
-            Some(row) => {
-                let token: i64 = row.try_get(0).map_err(StoreError::backend)?;
-                let in_flight: bool = row.try_get(1).map_err(StoreError::backend)?;
-                let attempt: i64 = row.try_get(2).map_err(StoreError::backend)?;
-                if in_flight {
-                    Forgotten::LeaseEnded {
-                        token: LeaseToken(sql::token_from_column(token)?),
-                        attempt: u32::try_from(attempt.max(1)).unwrap_or(u32::MAX),
-                    }
-                } else {
-                    Forgotten::Completed
-                }
-            }
-            // Nothing deleted: either nothing is live, or a lease holds the key and no force.
-            None => match self.inspect_record(key).await? {
-                Some(RecordInfo {
-                    state: RecordState::InFlight { token, attempt, .. },
-                    ..
-                }) => Forgotten::InFlight { token, attempt },
-                _ => Forgotten::NotFound,
-            },
-        };
+        let forgotten = sql::forgotten(deleted, self.inspect_record(key)).await?;
         if forgotten.deleted() {
             // This process need not wait for its own notification to come back.
             self.inner.notifier.notify(key);

@@ -13,9 +13,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use sqlx::{AssertSqlSafe, Connection, PgConnection, SqlSafeStr, SqlStr};
 
-use super::{PostgresStore, StoreError, sql};
+use super::PostgresStore;
 use crate::lease::{Checkpoint, CheckpointError, CompletedByHandler, Lease};
 use crate::record::StoredResponse;
+use crate::store::{StoreError, sql};
 
 impl PostgresStore {
     /// Completes the record of `lease` inside the caller's transaction, storing `response`
