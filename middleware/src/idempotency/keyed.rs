@@ -219,6 +219,7 @@ impl<St: IdempotencyStore> Keyed<St> {
             let completed = subscription.as_ref().map(|s| s.notified());
             // Before the call: a replay it reads is cached no longer than the store keeps it.
             let mark = self.shared.replay_cache.as_ref().map(|cache| cache.mark());
+            let asked = Instant::now();
             let call = self.begin_call(*fingerprint);
             let begun = self.shared.timed(m::Operation::Begin, call).await?;
             match begun {
@@ -226,7 +227,13 @@ impl<St: IdempotencyStore> Keyed<St> {
                     token,
                     attempt,
                     recovery_point,
-                } => return Ok(Begun::Acquired((token, attempt, recovery_point))),
+                } => {
+                    if self.taken_over_while_paused(asked, token).await? {
+                        // Another request holds the key now: answer as for any duplicate.
+                        continue;
+                    }
+                    return Ok(Begun::Acquired((token, attempt, recovery_point)));
+                }
                 Begin::Completed { .. } if observing => {
                     return Ok(Begun::Observed(Outcome::ObservedWouldReplay));
                 }
@@ -278,6 +285,39 @@ impl<St: IdempotencyStore> Keyed<St> {
                     )));
                 }
             }
+        }
+    }
+
+    /// Whether the lease `begin` granted (asked for at `asked`) lapsed before the request could
+    /// run and was taken over meanwhile. Normally microseconds pass between the store's answer and
+    /// the run; a garbage-collection pause, a stopped or starved process can stretch that past
+    /// `lock_ttl`, and running then would run the request alongside the one that took the key
+    /// over. So a lease past half its `lock_ttl` is renewed first, fenced by its token: renewed,
+    /// it is ours again and the request runs; refused, it was taken over. A store error is
+    /// returned as it is, leaving the lease to lapse as a crashed holder's would.
+    async fn taken_over_while_paused(
+        &self,
+        asked: Instant,
+        token: LeaseToken,
+    ) -> Result<bool, StoreError> {
+        if asked.elapsed() < self.policy.lock_ttl / 2 {
+            return Ok(false);
+        }
+        let store = self.shared.store();
+        let lock_ttl = self.policy.lock_ttl;
+        let renewal = store.renew(&self.record_key, token, lock_ttl);
+        match self.shared.timed(m::Operation::Renew, renewal).await {
+            Ok(()) => Ok(false),
+            Err(StoreError::LeaseLost) => {
+                tracing::warn!(
+                    key = ?self.record_key,
+                    ?lock_ttl,
+                    "the lease lapsed between the store's answer and the run, and another \
+                     request took the key over; this one is answered as its duplicate"
+                );
+                Ok(true)
+            }
+            Err(error) => Err(error),
         }
     }
 

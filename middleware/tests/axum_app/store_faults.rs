@@ -18,14 +18,15 @@ use tower_idempotency::{
 use super::App;
 
 /// A real memory store with faults to switch on: an outage (every call fails as an unreachable
-/// store's would), a `begin` that never answers, or a `begin` whose first reply arrives 300 ms
-/// after the store acted (a stalled network).
+/// store's would), a `begin` that never answers, or a `begin` whose first reply arrives late
+/// after the store acted (a stalled network, or a process paused right after the call).
 #[derive(Clone, Default)]
 struct Faulty {
     store: MemoryStore,
     down: Arc<AtomicBool>,
     stalled_begin: bool,
-    slow_first_reply: bool,
+    /// How long the first `begin`'s reply takes to arrive after the store acted.
+    first_reply_delay: Option<Duration>,
     begins: Arc<AtomicUsize>,
 }
 
@@ -51,8 +52,10 @@ impl IdempotencyStore for Faulty {
             return std::future::pending().await;
         }
         let begun = self.store.begin(key, fp, lock).await;
-        if self.slow_first_reply && self.begins.fetch_add(1, Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(300)).await;
+        if let Some(delay) = self.first_reply_delay
+            && self.begins.fetch_add(1, Ordering::SeqCst) == 0
+        {
+            tokio::time::sleep(delay).await;
         }
         begun
     }
@@ -143,7 +146,7 @@ async fn a_slow_store_counts_as_an_outage() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_begin_abandoned_by_the_store_timeout_does_not_leave_the_key_locked() {
     let slow = Faulty {
-        slow_first_reply: true,
+        first_reply_delay: Some(Duration::from_millis(300)),
         ..Faulty::default()
     };
     let layer = IdempotencyLayer::new(slow)
@@ -161,5 +164,49 @@ async fn a_begin_abandoned_by_the_store_timeout_does_not_leave_the_key_locked() 
         .send(app.post("/payments", "slow-begin").body("x"))
         .await;
     assert_eq!(retry.status, StatusCode::CREATED, "{retry:?}");
+    assert_eq!(app.counters.runs(), 1);
+}
+
+/// The first request's lease is granted, then its process stalls past `lock_ttl` before running
+/// it (the reply arrives late, as after a GC pause or SIGSTOP); meanwhile a retry takes the key
+/// over and runs. The stalled request must not run as well: it is answered with the retry's
+/// stored response.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lease_taken_over_before_its_request_ran_never_runs_it_a_second_time() {
+    let stalled = Faulty {
+        first_reply_delay: Some(Duration::from_millis(700)),
+        ..Faulty::default()
+    };
+    let layer = IdempotencyLayer::new(stalled)
+        .policy(Policy::default().with_lock_ttl(Duration::from_millis(300)));
+    let app = Arc::new(App::start(layer).await);
+    let first = {
+        let app = app.clone();
+        tokio::spawn(async move { app.send(app.post("/payments", "paused").body("x")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let retry = app.send(app.post("/payments", "paused").body("x")).await;
+    assert_eq!(retry.status, StatusCode::CREATED, "{retry:?}");
+    let first = first.await.expect("first request");
+    assert!(first.replayed(), "answered as a duplicate: {first:?}");
+    assert_eq!(first.body, retry.body);
+    assert_eq!(app.counters.runs(), 1, "the request ran once");
+}
+
+/// The same stall with nobody taking the key over: the lapsed lease is renewed (its token still
+/// holds it) and the request runs, once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lease_that_lapsed_untaken_before_its_request_ran_is_renewed_and_runs_once() {
+    let stalled = Faulty {
+        first_reply_delay: Some(Duration::from_millis(500)),
+        ..Faulty::default()
+    };
+    let layer = IdempotencyLayer::new(stalled)
+        .policy(Policy::default().with_lock_ttl(Duration::from_millis(300)));
+    let app = App::start(layer).await;
+    let first = app.send(app.post("/payments", "stalled").body("x")).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+    let retry = app.send(app.post("/payments", "stalled").body("x")).await;
+    assert!(retry.replayed(), "{retry:?}");
     assert_eq!(app.counters.runs(), 1);
 }
