@@ -10,10 +10,12 @@
 //! A batch is committed, or it fails as a whole: when [`Execute::execute`] returns an error,
 //! every call of the batch gets that error, and none of them has been acknowledged.
 //!
-//! Two calls on one record key never share a batch ([`Execute::record_key`]): they run in
-//! successive batches, in the order they were queued, exactly as if sequential. The statements
-//! then never see a key twice (PostgreSQL refuses to `ON CONFLICT DO UPDATE` a row twice in one
-//! statement, and an `UPDATE ... FROM` would apply only one of them).
+//! Two calls on one record key share a batch only where the executor says one can be answered
+//! from the other ([`Execute::may_share`]: a `begin` repeating the same request, as the replays
+//! of a hot key do); otherwise they run in successive batches, in the order they were queued,
+//! exactly as if sequential. The statements therefore never write a key twice (PostgreSQL
+//! refuses to `ON CONFLICT DO UPDATE` a row twice in one statement, and an `UPDATE ... FROM`
+//! would apply only one of them).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -41,6 +43,14 @@ pub(crate) trait Execute: Send + Sync + 'static {
 
     /// The record a call touches, when calls on one record must not share a batch.
     fn record_key(request: &Self::Request) -> Option<[u8; 32]>;
+
+    /// Whether `later`, a call on the same record queued after `first`, may run in `first`'s
+    /// batch: the executor then answers it from `first`'s answer, as if it ran right after.
+    /// Default: never.
+    fn may_share(first: &Self::Request, later: &Self::Request) -> bool {
+        let _ = (first, later);
+        false
+    }
 
     /// Runs `batch` in one round trip (statement or transaction): one answer per call, in order,
     /// or an error that fails every call of the batch (nothing of it committed).
@@ -171,15 +181,25 @@ async fn run<E: Execute>(
     }
 }
 
-/// Splits `jobs` into the first call on each key (in queue order) and the rest, which wait for
-/// the next round.
+/// Splits `jobs` into this round (the first call on each key, in queue order, with the calls
+/// that [may share](Execute::may_share) its batch) and the rest, which wait for the next round.
 fn split_duplicates<E: Execute>(jobs: Vec<Job<E>>) -> (Vec<Job<E>>, Vec<Job<E>>) {
-    let mut seen = std::collections::HashSet::with_capacity(jobs.len());
+    // Each key's first call, by its place in `round`.
+    let mut first: std::collections::HashMap<[u8; 32], usize> =
+        std::collections::HashMap::with_capacity(jobs.len());
     let (mut round, mut later) = (Vec::with_capacity(jobs.len()), Vec::new());
     for job in jobs {
-        match E::record_key(&job.request) {
-            Some(key) if !seen.insert(key) => later.push(job),
-            _ => round.push(job),
+        let Some(key) = E::record_key(&job.request) else {
+            round.push(job);
+            continue;
+        };
+        match first.get(&key) {
+            Some(&at) if E::may_share(&round[at].request, &job.request) => round.push(job),
+            Some(_) => later.push(job),
+            None => {
+                first.insert(key, round.len());
+                round.push(job);
+            }
         }
     }
     (round, later)
@@ -248,6 +268,61 @@ mod tests {
         let second_of_key_0 = flat.iter().position(|n| *n == 4).unwrap();
         assert!(first_of_key_0 < second_of_key_0, "{batches:?}");
         assert!(batches.len() < 1 + 8, "calls were merged: {batches:?}");
+    }
+
+    /// A [`Recorder`] whose equal calls on one key may share a batch.
+    #[derive(Default)]
+    struct SharingRecorder(Recorder);
+
+    impl Execute for SharingRecorder {
+        type Request = u8;
+        type Response = u8;
+
+        fn record_key(request: &u8) -> Option<[u8; 32]> {
+            Recorder::record_key(request)
+        }
+
+        fn may_share(first: &u8, later: &u8) -> bool {
+            first == later
+        }
+
+        async fn execute(&self, batch: Vec<u8>) -> Result<Vec<Result<u8, StoreError>>, StoreError> {
+            self.0.execute(batch).await
+        }
+    }
+
+    #[tokio::test]
+    async fn calls_that_may_share_run_in_one_batch_and_the_others_after() {
+        let recorder = SharingRecorder::default();
+        let seen = Arc::clone(&recorder.0.0);
+        let batcher = Arc::new(Batcher::spawn(
+            recorder,
+            "test",
+            "op",
+            1,
+            Duration::from_secs(5),
+        ));
+        // Occupy the worker so that the next calls gather into one batch.
+        let first = tokio::spawn({
+            let batcher = Arc::clone(&batcher);
+            async move { batcher.call(1).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        // Key 0 three times as 8, once as 4 (another call on it), and key 2 once.
+        let calls: Vec<_> = [8u8, 8, 4, 8, 2]
+            .into_iter()
+            .map(|n| {
+                let batcher = Arc::clone(&batcher);
+                let call = tokio::spawn(async move { batcher.call(n).await });
+                (n, call)
+            })
+            .collect();
+        assert_eq!(first.await.unwrap().unwrap(), 1);
+        for (n, call) in calls {
+            assert_eq!(call.await.unwrap().unwrap(), n);
+        }
+        let batches = seen.lock().unwrap().clone();
+        assert_eq!(batches, [vec![1], vec![8, 8, 8, 2], vec![4]]);
     }
 
     #[tokio::test]

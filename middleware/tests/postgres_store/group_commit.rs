@@ -4,13 +4,17 @@
 use std::time::Duration;
 
 use sqlx::{AssertSqlSafe, PgConnection};
+use test_fixtures::batch_sizes;
 use test_fixtures::records::{
     assert_the_batch_failed_whole, fingerprint, key, response, spawn_begin,
 };
 use tower_idempotency::conformance::LONG;
 use tower_idempotency::{Begin, IdempotencyStore, StoreError};
 
-use super::{admin, count, drop_schema, fresh_store, row_count};
+use super::{
+    admin, builder, connect, count, drop_schema, fresh_store, row_count, sweep_stale_schemas,
+    test_schema,
+};
 
 /// Runs `admin_sql` on a connection of its own inside a transaction that stays open (holding
 /// its locks) until [`unlock`].
@@ -146,6 +150,68 @@ async fn concurrent_begins_on_one_key_in_one_process_acquire_once() {
     assert_eq!(acquired, 1, "{outcomes:?}");
     assert_eq!(acquired + in_flight + mismatch, 48);
     assert!(in_flight >= 23 && mismatch >= 23, "{outcomes:?}");
+    drop(store);
+    drop_schema(&schema).await;
+}
+
+/// The same request many times at once (a hot key's replays) runs as one statement: the
+/// repeats share the batch and are answered from its row. A lease it takes is in flight for the
+/// repeats, as if they ran right after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn repeats_of_one_request_share_a_batch_and_get_its_answer() {
+    sweep_stale_schemas().await;
+    let schema = test_schema();
+    let sizes = batch_sizes::Sizes::default();
+    let store = batch_sizes::recording(&sizes, connect(builder(&schema)));
+    store.migrate().await.expect("migrate");
+    let table = format!("\"{schema}\".\"{}\"", store.table());
+    let hot = key("hot");
+    let together = |store: &tower_idempotency::PostgresStore| {
+        (0..40)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move { store.begin(&hot, &fingerprint(1), LONG).await })
+            })
+            .collect::<Vec<_>>()
+    };
+
+    let lock = hold(format!("LOCK TABLE {table} IN SHARE MODE")).await;
+    let calls = together(&store);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    unlock(lock).await;
+    let mut outcomes = Vec::new();
+    for call in calls {
+        outcomes.push(call.await.expect("task").expect("begin"));
+    }
+    let token = match outcomes
+        .iter()
+        .find(|b| matches!(b, Begin::Acquired { .. }))
+    {
+        Some(Begin::Acquired { token, .. }) => *token,
+        _ => panic!("one call acquires: {outcomes:?}"),
+    };
+    assert_eq!(count(&outcomes, |b| matches!(b, Begin::Acquired { .. })), 1);
+    assert_eq!(count(&outcomes, |b| matches!(b, Begin::InFlight)), 39);
+    store
+        .complete(&hot, token, &response("hot"), LONG)
+        .await
+        .expect("complete");
+
+    let before = sizes.seen().len();
+    let lock = hold(format!("LOCK TABLE {table} IN SHARE MODE")).await;
+    let replays = together(&store);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    unlock(lock).await;
+    for replay in replays {
+        let begun = replay.await.expect("task").expect("begin");
+        assert_eq!(begun.completed(), Some(&response("hot")), "{begun:?}");
+    }
+    let batches = sizes.seen()[before..].to_vec();
+    assert!(
+        batches.len() < 10 && batches.iter().any(|size| *size >= 10.0),
+        "40 replays of one key ran in {} batches: {batches:?}",
+        batches.len()
+    );
     drop(store);
     drop_schema(&schema).await;
 }

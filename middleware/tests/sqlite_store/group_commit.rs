@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use sqlx::{Connection, SqliteConnection};
 use tempfile::TempDir;
+use test_fixtures::batch_sizes;
 use test_fixtures::records::{
     assert_the_batch_failed_whole, fingerprint, key, response, spawn_begin,
 };
@@ -13,60 +14,11 @@ use tower_idempotency::{Begin, IdempotencyStore, SqliteStore};
 
 use super::{row_count, url};
 
-mod batch_sizes {
-    //! A recorder of the batch-size histogram of one store.
-    use std::sync::{Arc, Mutex};
-
-    use metrics::{
-        Counter, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder, SharedString,
-        Unit,
-    };
-
-    #[derive(Default, Clone)]
-    pub(crate) struct Sizes(Arc<Mutex<Vec<f64>>>);
-
-    impl Sizes {
-        pub(crate) fn seen(&self) -> Vec<f64> {
-            self.0.lock().expect("sizes").clone()
-        }
-    }
-
-    impl HistogramFn for Sizes {
-        fn record(&self, value: f64) {
-            self.0.lock().expect("sizes").push(value);
-        }
-    }
-
-    impl Recorder for Sizes {
-        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-        fn register_counter(&self, _: &Key, _: &Metadata<'_>) -> Counter {
-            Counter::noop()
-        }
-        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
-            Gauge::noop()
-        }
-        fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
-            if key.name() == tower_idempotency::store::STORE_BATCH_SIZE {
-                Histogram::from_arc(Arc::new(self.clone()))
-            } else {
-                Histogram::noop()
-            }
-        }
-    }
-}
-
 /// Opens a store whose batch sizes `sizes` records (the histogram handle is taken when the
 /// store starts its writer).
 async fn store_recording(dir: &TempDir, sizes: &batch_sizes::Sizes) -> SqliteStore {
     let url = url(dir);
-    tokio::task::block_in_place(|| {
-        metrics::with_local_recorder(sizes, || {
-            tokio::runtime::Handle::current().block_on(SqliteStore::connect(&url))
-        })
-    })
-    .expect("open the store")
+    batch_sizes::recording(sizes, SqliteStore::connect(&url)).expect("open the store")
 }
 
 /// Holds SQLite's write lock from a connection of its own until [`unlock`].

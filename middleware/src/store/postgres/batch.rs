@@ -134,6 +134,12 @@ impl Execute for Begins {
         Some(request.key)
     }
 
+    /// The same request again (a hot key's replays, a client's duplicates) shares the batch: the
+    /// statement runs once for the key, and the others are answered from its row.
+    fn may_share(first: &BeginCall, later: &BeginCall) -> bool {
+        first.fingerprint == later.fingerprint
+    }
+
     async fn execute(
         &self,
         batch: Vec<BeginCall>,
@@ -185,7 +191,53 @@ impl Execute for Begins {
 
 impl Begins {
     /// One statement for the calls at `pending`: per call, its answer or `None` for a lost race.
+    /// A key the batch holds more than once (always for the same request: see `may_share`) goes
+    /// into the statement once; the repeats get the answer a call right after it would get.
     async fn round(
+        &self,
+        batch: &[BeginCall],
+        pending: &[usize],
+    ) -> Result<Vec<Result<Option<Begin>, StoreError>>, StoreError> {
+        let mut leaders = Vec::with_capacity(pending.len());
+        let mut leader_of = std::collections::HashMap::with_capacity(pending.len());
+        // For each pending call, its key's place in `leaders`.
+        let places: Vec<usize> = pending
+            .iter()
+            .map(|&at| {
+                *leader_of.entry(batch[at].key).or_insert_with(|| {
+                    leaders.push(at);
+                    leaders.len() - 1
+                })
+            })
+            .collect();
+        let answers = self.statement(batch, &leaders).await?;
+        let mut out: Vec<Option<Result<Option<Begin>, StoreError>>> =
+            places.iter().map(|_| None).collect();
+        // Where each key's first call sits in `pending`; the repeats are answered from its row.
+        let mut first_at = vec![None; leaders.len()];
+        for (at, &place) in places.iter().enumerate() {
+            if first_at[place].is_none() {
+                first_at[place] = Some(at);
+            } else {
+                out[at] = Some(repeat_of(&answers[place]));
+            }
+        }
+        for (answer, at) in answers.into_iter().zip(first_at) {
+            if let Some(at) = at {
+                out[at] = Some(answer);
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|answer| {
+                answer
+                    .unwrap_or_else(|| Err(StoreError::backend("a batched begin went unanswered")))
+            })
+            .collect())
+    }
+
+    /// One statement for the calls at `pending`, whose keys are distinct.
+    async fn statement(
         &self,
         batch: &[BeginCall],
         pending: &[usize],
@@ -221,6 +273,16 @@ impl Begins {
         }
         // Rows come back in input order (`ORDER BY i.n`).
         Ok(rows.iter().map(read_begin).collect())
+    }
+}
+
+/// What the same request gets right after a call answered `answer`: the lease it acquired is
+/// in flight; a replay, a conflict or a mismatch is the same again; a lost race is run again.
+fn repeat_of(answer: &Result<Option<Begin>, StoreError>) -> Result<Option<Begin>, StoreError> {
+    match answer {
+        Ok(Some(Begin::Acquired { .. })) => Ok(Some(Begin::InFlight)),
+        Ok(begun) => Ok(begun.clone()),
+        Err(error) => Err(StoreError::backend(error.to_string())),
     }
 }
 
