@@ -82,7 +82,7 @@ pub fn describe() {
 }
 
 /// What the layer did with a request: the `outcome` label of `idempotency_requests_total`, and
-/// the [response extension](crate::idempotency) every response the layer hands back carries
+/// the response extension every response the layer hands back carries
 /// (`response.extensions().get::<Outcome>()`), also passed to
 /// [`IdempotencyLayer::on_outcome`](crate::IdempotencyLayer::on_outcome).
 ///

@@ -1,4 +1,4 @@
-//! Group commit for [`SqliteStore`](super::SqliteStore): one writer task runs the writes that
+//! Group commit for [`SqliteStore`]: one writer task runs the writes that
 //! arrive while it is busy in one `BEGIN IMMEDIATE` transaction, so one write lock and one fsync
 //! (`synchronous = FULL`) serve the whole batch.
 //!
