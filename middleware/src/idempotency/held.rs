@@ -110,8 +110,10 @@ impl<St: IdempotencyStore> Lease<St> {
                 }
             }
         };
-        // Renewal never finishes on its own: this ends when the work does, and drops it.
+        // Renewal never finishes on its own: this ends when the work does, and drops it. The work
+        // is polled first, so a response ready at once never arms the renewal timer.
         tokio::select! {
+            biased;
             done = work => done,
             never = renewal => match never {},
         }
