@@ -7,9 +7,13 @@
 //! anonymous users do not crowd each other out either.
 
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::scope::Scope;
+use crate::scope::{DigestHasher, Scope};
+
+/// Counts per caller scope; scopes are digests (see [`DigestHasher`]).
+type Counts = HashMap<Scope, usize, BuildHasherDefault<DigestHasher>>;
 
 const SHARDS: usize = 16;
 
@@ -17,7 +21,7 @@ const SHARDS: usize = 16;
 /// progress, so memory is bounded by the requests themselves.
 #[derive(Debug)]
 pub(crate) struct Callers {
-    shards: Box<[Mutex<HashMap<Scope, usize>>]>,
+    shards: Box<[Mutex<Counts>]>,
 }
 
 impl Default for Callers {
@@ -53,7 +57,7 @@ impl Callers {
         })
     }
 
-    fn shard(&self, scope: &Scope) -> std::sync::MutexGuard<'_, HashMap<Scope, usize>> {
+    fn shard(&self, scope: &Scope) -> std::sync::MutexGuard<'_, Counts> {
         // Scopes are sha256 digests: any byte spreads them evenly.
         let index = usize::from(scope.as_bytes()[0]) % SHARDS;
         // A count is one integer: a panic while holding the lock cannot leave it torn.

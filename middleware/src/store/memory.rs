@@ -2,7 +2,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasherDefault;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
@@ -18,7 +18,7 @@ use super::{
 use crate::fingerprint::Fingerprint;
 use crate::lease::Checkpoint;
 use crate::record::StoredResponse;
-use crate::scope::RecordKey;
+use crate::scope::{DigestHasher, RecordKey};
 
 const SHARDS: usize = 64;
 /// Expired records removed inline per write, so a busy shard never needs a long sweep.
@@ -92,24 +92,6 @@ impl Record {
         match self.state {
             State::InFlight { keep_until, .. } => keep_until,
             State::Completed { expires_at, .. } => expires_at,
-        }
-    }
-}
-
-/// Record keys are sha256 digests already: their first bytes are as good as any hash.
-#[derive(Default)]
-struct DigestHasher(u64);
-
-impl Hasher for DigestHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8).take(1) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.0 ^= u64::from_le_bytes(word);
         }
     }
 }
