@@ -253,23 +253,55 @@ fn describe_policy(out: &mut String, policy: &Policy) {
 
 /// What `check` warns about: covered routes whose callers are told apart only by the built-in
 /// default scope (`Authorization`), where callers authenticated by a session cookie would share
-/// one scope and could be replayed each other's responses.
+/// one scope and could be replayed each other's responses; and leases renewed more often than a
+/// store call may take.
 pub fn warnings(config: &Config) -> Vec<String> {
-    config
+    let place = |route: Option<usize>| match route {
+        Some(index) => format!("route {}", config.routes[index].path.0),
+        None => "every other path".to_owned(),
+    };
+    let mut warnings: Vec<String> = config
         .default_scoped()
         .into_iter()
         .map(|route| {
-            let place = match route {
-                Some(index) => format!("route {}", config.routes[index].path.0),
-                None => "every other path".to_owned(),
-            };
             format!(
-                "{place}: callers are told apart only by the default scope_headers = \
+                "{}: callers are told apart only by the default scope_headers = \
                  [\"authorization\"]; callers authenticated otherwise (a session cookie...) share \
                  one scope and can be replayed each other's responses. Set scope_headers or \
-                 scope_cookies explicitly"
+                 scope_cookies explicitly",
+                place(route)
             )
         })
+        .collect();
+    warnings.extend(slow_renewals(config).into_iter().map(|(route, lock_ttl)| {
+        format!(
+            "{}: the lease is renewed every lock_ttl / 3 = {} and each renewal may take up to \
+             [store] timeout = {}: a store that slow lets the lease lapse while the request \
+             runs (its result is then refused and a retry runs it again). Keep the store \
+             timeout under lock_ttl / 3",
+            place(route),
+            humantime::format_duration(lock_ttl / 3),
+            humantime::format_duration(config.store.timeout),
+        )
+    }));
+    warnings
+}
+
+/// Enabled routes (`None`: the default policy) whose renewal period, `lock_ttl / 3`, is not
+/// longer than the store timeout. Not refused: the lease stays fenced, only a retry may run
+/// again; a short lease with a patient store can be a deliberate choice.
+fn slow_renewals(config: &Config) -> Vec<(Option<usize>, std::time::Duration)> {
+    let Ok(routes) = config.routes() else {
+        return Vec::new();
+    };
+    let policies = routes
+        .iter()
+        .enumerate()
+        .map(|(index, (_, policy))| (Some(index), policy))
+        .chain([(None, routes.default_policy())]);
+    policies
+        .filter(|(_, policy)| policy.enabled && policy.lock_ttl / 3 <= config.store.timeout)
+        .map(|(route, policy)| (route, policy.lock_ttl))
         .collect()
 }
 
@@ -290,6 +322,27 @@ pub fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn warns_where_a_renewal_may_take_longer_than_its_period() {
+        let config = Config::parse(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\nupstream = \"http://127.0.0.1:1\"\n\n\
+             [store]\ntimeout = \"2s\"\n\n\
+             [idempotency]\nlock_ttl = \"3s\"\nscope_headers = [\"authorization\"]\n\n\
+             [[route]]\npath = \"/long/**\"\nlock_ttl = \"60s\"\n\n\
+             [[route]]\npath = \"/off/**\"\nenabled = false\n",
+            |_| None,
+        )
+        .expect("config");
+        let warnings = warnings(&config);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0]
+                .starts_with("every other path: the lease is renewed every lock_ttl / 3 = 1s")
+                && warnings[0].contains("[store] timeout = 2s"),
+            "{warnings:?}"
+        );
+    }
 
     #[test]
     fn passwords_are_hidden() {
