@@ -291,35 +291,48 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn calls_that_may_share_run_in_one_batch_and_the_others_after() {
-        let recorder = SharingRecorder::default();
-        let seen = Arc::clone(&recorder.0.0);
+    /// Sends `1` to a one-worker batcher over `executor`, then, while that batch runs, `calls`:
+    /// they gather into the next batch. Returns the answers to `calls`, in order.
+    async fn behind_a_busy_worker<E>(executor: E, calls: &[u8]) -> Vec<Result<u8, StoreError>>
+    where
+        E: Execute<Request = u8, Response = u8>,
+    {
         let batcher = Arc::new(Batcher::spawn(
-            recorder,
+            executor,
             "test",
             "op",
             1,
             Duration::from_secs(5),
         ));
-        // Occupy the worker so that the next calls gather into one batch.
         let first = tokio::spawn({
             let batcher = Arc::clone(&batcher);
             async move { batcher.call(1).await }
         });
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        // Key 0 three times as 8, once as 4 (another call on it), and key 2 once.
-        let calls: Vec<_> = [8u8, 8, 4, 8, 2]
-            .into_iter()
-            .map(|n| {
+        let calls: Vec<_> = calls
+            .iter()
+            .map(|&n| {
                 let batcher = Arc::clone(&batcher);
-                let call = tokio::spawn(async move { batcher.call(n).await });
-                (n, call)
+                tokio::spawn(async move { batcher.call(n).await })
             })
             .collect();
         assert_eq!(first.await.unwrap().unwrap(), 1);
-        for (n, call) in calls {
-            assert_eq!(call.await.unwrap().unwrap(), n);
+        let mut answers = Vec::new();
+        for call in calls {
+            answers.push(call.await.unwrap());
+        }
+        answers
+    }
+
+    #[tokio::test]
+    async fn calls_that_may_share_run_in_one_batch_and_the_others_after() {
+        let recorder = SharingRecorder::default();
+        let seen = Arc::clone(&recorder.0.0);
+        // Key 0 three times as 8, once as 4 (another call on it), and key 2 once.
+        let calls = [8u8, 8, 4, 8, 2];
+        let answers = behind_a_busy_worker(recorder, &calls).await;
+        for (n, answer) in calls.iter().zip(answers) {
+            assert_eq!(answer.unwrap(), *n);
         }
         let batches = seen.lock().unwrap().clone();
         assert_eq!(batches, [vec![1], vec![8, 8, 8, 2], vec![4]]);
@@ -327,29 +340,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_failing_batch_fails_every_call_in_it() {
-        let batcher = Arc::new(Batcher::spawn(
-            Recorder::default(),
-            "test",
-            "op",
-            1,
-            Duration::from_secs(5),
-        ));
-        // Occupy the worker so that the next calls gather into one batch.
-        let first = tokio::spawn({
-            let batcher = Arc::clone(&batcher);
-            async move { batcher.call(1).await }
-        });
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        let calls: Vec<_> = [2u8, u8::MAX, 5]
-            .into_iter()
-            .map(|n| {
-                let batcher = Arc::clone(&batcher);
-                tokio::spawn(async move { batcher.call(n).await })
-            })
-            .collect();
-        assert_eq!(first.await.unwrap().unwrap(), 1);
-        for call in calls {
-            let error = call.await.unwrap().unwrap_err();
+        for answer in behind_a_busy_worker(Recorder::default(), &[2, u8::MAX, 5]).await {
+            let error = answer.unwrap_err();
             assert!(error.to_string().contains("boom"), "{error}");
         }
     }
