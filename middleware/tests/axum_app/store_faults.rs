@@ -173,8 +173,10 @@ async fn a_begin_abandoned_by_the_store_timeout_does_not_leave_the_key_locked() 
 /// stored response.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lease_taken_over_before_its_request_ran_never_runs_it_a_second_time() {
+    // The retry, sent 400 ms in, has a second to take the lapsed key over before the stalled
+    // reply arrives, even on a loaded machine.
     let stalled = Faulty {
-        first_reply_delay: Some(Duration::from_millis(700)),
+        first_reply_delay: Some(Duration::from_millis(1400)),
         ..Faulty::default()
     };
     let layer = IdempotencyLayer::new(stalled)
