@@ -118,6 +118,21 @@ pub(crate) fn default_pool_size() -> u32 {
     u32::try_from(cores.saturating_mul(2).saturating_add(2)).unwrap_or(u32::MAX)
 }
 
+/// A lease token as the `bigint` column it is stored in. A token no store can have issued (above
+/// `i64::MAX`) holds no lease: [`StoreError::LeaseLost`].
+pub(crate) fn token_column(token: super::LeaseToken) -> Result<i64, StoreError> {
+    i64::try_from(token.0).map_err(|_| StoreError::LeaseLost)
+}
+
+/// The answer of a statement fenced by the lease token: it changed no row when the token no
+/// longer holds the lease.
+pub(crate) fn fenced(rows_affected: u64) -> Result<(), StoreError> {
+    if rows_affected == 0 {
+        return Err(StoreError::LeaseLost);
+    }
+    Ok(())
+}
+
 /// The lease token column as a [`LeaseToken`] value. Tokens come from sequences that start at 1,
 /// so a negative one means the row was written by something else.
 pub(crate) fn token_from_column(token: i64) -> Result<u64, StoreError> {

@@ -463,7 +463,7 @@ impl IdempotencyStore for SqliteStore {
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let token = i64::try_from(token.0).map_err(|_| StoreError::LeaseLost)?;
+        let token = sql::token_column(token)?;
         let written = self
             .inner
             .writer
@@ -487,7 +487,7 @@ impl IdempotencyStore for SqliteStore {
         token: LeaseToken,
         checkpoint: &Checkpoint,
     ) -> Result<(), StoreError> {
-        let token = i64::try_from(token.0).map_err(|_| StoreError::LeaseLost)?;
+        let token = sql::token_column(token)?;
         let stored = sqlx::query(CHECKPOINT)
             .bind(&key.as_bytes()[..])
             .bind(token)
@@ -496,23 +496,18 @@ impl IdempotencyStore for SqliteStore {
             .execute(&self.inner.pool)
             .await
             .map_err(StoreError::backend)?;
-        if stored.rows_affected() == 0 {
-            return Err(StoreError::LeaseLost);
-        }
-        Ok(())
+        sql::fenced(stored.rows_affected())
     }
 
     async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
-        let token = i64::try_from(token.0).map_err(|_| StoreError::LeaseLost)?;
+        let token = sql::token_column(token)?;
         let released = sqlx::query(RELEASE)
             .bind(&key.as_bytes()[..])
             .bind(token)
             .execute(&self.inner.pool)
             .await
             .map_err(StoreError::backend)?;
-        if released.rows_affected() == 0 {
-            return Err(StoreError::LeaseLost);
-        }
+        sql::fenced(released.rows_affected())?;
         self.inner.notifier.notify(key);
         Ok(())
     }
@@ -523,7 +518,7 @@ impl IdempotencyStore for SqliteStore {
         token: LeaseToken,
         lock_ttl: Duration,
     ) -> Result<(), StoreError> {
-        let token = i64::try_from(token.0).map_err(|_| StoreError::LeaseLost)?;
+        let token = sql::token_column(token)?;
         let renewed = sqlx::query(RENEW)
             .bind(&key.as_bytes()[..])
             .bind(token)
@@ -531,10 +526,7 @@ impl IdempotencyStore for SqliteStore {
             .execute(&self.inner.pool)
             .await
             .map_err(StoreError::backend)?;
-        if renewed.rows_affected() == 0 {
-            return Err(StoreError::LeaseLost);
-        }
-        Ok(())
+        sql::fenced(renewed.rows_affected())
     }
 
     async fn inspect(&self, key: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {

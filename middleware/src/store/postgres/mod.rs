@@ -289,12 +289,6 @@ impl Reap for Inner {
     }
 }
 
-/// A lease token as the `bigint` it is stored as; `None` for a token no sequence can have issued,
-/// which therefore holds no lease.
-fn stored_token(token: LeaseToken) -> Option<i64> {
-    i64::try_from(token.0).ok()
-}
-
 #[async_trait]
 impl IdempotencyStore for PostgresStore {
     async fn begin(
@@ -322,7 +316,7 @@ impl IdempotencyStore for PostgresStore {
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let token = stored_token(token).ok_or(StoreError::LeaseLost)?;
+        let token = sql::token_column(token)?;
         let completed = self
             .inner
             .completes
@@ -347,7 +341,7 @@ impl IdempotencyStore for PostgresStore {
         token: LeaseToken,
         checkpoint: &Checkpoint,
     ) -> Result<(), StoreError> {
-        let token = stored_token(token).ok_or(StoreError::LeaseLost)?;
+        let token = sql::token_column(token)?;
         let stored = sqlx::query(self.inner.statements.checkpoint.clone())
             .bind(&key.as_bytes()[..])
             .bind(token)
@@ -356,14 +350,11 @@ impl IdempotencyStore for PostgresStore {
             .execute(&self.inner.pool)
             .await
             .map_err(StoreError::backend)?;
-        if stored.rows_affected() == 0 {
-            return Err(StoreError::LeaseLost);
-        }
-        Ok(())
+        sql::fenced(stored.rows_affected())
     }
 
     async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
-        let token = stored_token(token).ok_or(StoreError::LeaseLost)?;
+        let token = sql::token_column(token)?;
         let released = sqlx::query(self.inner.statements.release.clone())
             .bind(&key.as_bytes()[..])
             .bind(token)
@@ -384,7 +375,7 @@ impl IdempotencyStore for PostgresStore {
         token: LeaseToken,
         lock_ttl: Duration,
     ) -> Result<(), StoreError> {
-        let token = stored_token(token).ok_or(StoreError::LeaseLost)?;
+        let token = sql::token_column(token)?;
         let renewed = sqlx::query(self.inner.statements.renew.clone())
             .bind(&key.as_bytes()[..])
             .bind(token)
@@ -392,10 +383,7 @@ impl IdempotencyStore for PostgresStore {
             .execute(&self.inner.pool)
             .await
             .map_err(StoreError::backend)?;
-        if renewed.rows_affected() == 0 {
-            return Err(StoreError::LeaseLost);
-        }
-        Ok(())
+        sql::fenced(renewed.rows_affected())
     }
 
     async fn inspect(&self, key: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {

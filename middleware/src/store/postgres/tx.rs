@@ -72,7 +72,7 @@ impl PostgresStore {
         let (mut parts, body) = response.into_parts();
         let body: Bytes = body.into();
         let stored = StoredResponse::new(parts.status, parts.headers.clone(), body.clone());
-        let token = held_token(lease)?;
+        let token = sql::token_column(lease.token())?;
         let completed = sqlx::query(self.statement(COMPLETE))
             .bind(&lease.key().as_bytes()[..])
             .bind(token)
@@ -107,7 +107,7 @@ impl PostgresStore {
     ) -> Result<(), CheckpointError> {
         let checkpoint = Checkpoint::new(name, data)?;
         in_transaction(conn, "checkpoint_in")?;
-        let token = held_token(lease)?;
+        let token = sql::token_column(lease.token())?;
         let stored = sqlx::query(self.statement(CHECKPOINT))
             .bind(&lease.key().as_bytes()[..])
             .bind(token)
@@ -116,9 +116,7 @@ impl PostgresStore {
             .execute(&mut *conn)
             .await
             .map_err(StoreError::backend)?;
-        if stored.rows_affected() == 0 {
-            return Err(StoreError::LeaseLost.into());
-        }
+        sql::fenced(stored.rows_affected())?;
         Ok(())
     }
 
@@ -128,7 +126,7 @@ impl PostgresStore {
     /// [`StoreError::LeaseLost`] means a newer run holds the request.
     pub async fn fence_in(&self, conn: &mut PgConnection, lease: &Lease) -> Result<(), StoreError> {
         in_transaction(conn, "fence_in")?;
-        let token = held_token(lease)?;
+        let token = sql::token_column(lease.token())?;
         let held = sqlx::query(self.statement(FENCE))
             .bind(&lease.key().as_bytes()[..])
             .bind(token)
@@ -177,9 +175,4 @@ fn in_transaction(conn: &PgConnection, what: &str) -> Result<(), StoreError> {
              the record commits with the transaction's effects; nothing was written"
         )))
     }
-}
-
-/// The lease's token as stored; a token no sequence can have issued holds no lease.
-fn held_token(lease: &Lease) -> Result<i64, StoreError> {
-    i64::try_from(lease.token().0).map_err(|_| StoreError::LeaseLost)
 }
