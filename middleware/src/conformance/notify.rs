@@ -7,20 +7,31 @@ use std::time::Duration;
 
 use super::LONG;
 use super::support::{NOTIFY_WITHIN, acquire, begin, completed, key, response};
-use crate::store::{Begin, IdempotencyStore};
+use crate::scope::RecordKey;
+use crate::store::{Begin, IdempotencyStore, LeaseToken, Subscription};
 
-/// A subscriber armed before the completion is woken by it.
-pub async fn subscribers_are_woken_by_complete(store: impl IdempotencyStore) {
-    let store = Arc::new(store);
-    let key = key("notify-complete");
-    let token = acquire(&*store, &key, 1, LONG).await;
+/// A key leased by fingerprint 1, seen in flight by `begin` and `watch`, with a subscription to it
+/// taken while it is in flight.
+async fn in_flight_and_subscribed(
+    store: &impl IdempotencyStore,
+    name: &str,
+) -> (RecordKey, LeaseToken, Subscription) {
+    let key = key(name);
+    let token = acquire(store, &key, 1, LONG).await;
     let subscription = store.subscribe(&key);
-    let woken = subscription.notified();
-    assert_eq!(begin(&*store, &key, 1).await, Begin::InFlight);
+    assert_eq!(begin(store, &key, 1).await, Begin::InFlight);
     assert!(
         store.watch(&key).await.expect("watch"),
         "the key is in flight"
     );
+    (key, token, subscription)
+}
+
+/// A subscriber armed before the completion is woken by it.
+pub async fn subscribers_are_woken_by_complete(store: impl IdempotencyStore) {
+    let store = Arc::new(store);
+    let (key, token, subscription) = in_flight_and_subscribed(&*store, "notify-complete").await;
+    let woken = subscription.notified();
     let completer = store.clone();
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -45,15 +56,8 @@ pub async fn subscribers_are_woken_by_complete(store: impl IdempotencyStore) {
 /// A subscriber armed before a release is woken by it.
 pub async fn subscribers_are_woken_by_release(store: impl IdempotencyStore) {
     let store = Arc::new(store);
-    let key = key("notify-release");
-    let token = acquire(&*store, &key, 1, LONG).await;
-    let subscription = store.subscribe(&key);
+    let (key, token, subscription) = in_flight_and_subscribed(&*store, "notify-release").await;
     let woken = subscription.notified();
-    assert_eq!(begin(&*store, &key, 1).await, Begin::InFlight);
-    assert!(
-        store.watch(&key).await.expect("watch"),
-        "the key is in flight"
-    );
     let releaser = store.clone();
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(50)).await;
