@@ -198,6 +198,10 @@ impl Begins {
         batch: &[BeginCall],
         pending: &[usize],
     ) -> Result<Vec<Result<Option<Begin>, StoreError>>, StoreError> {
+        if let [_] = pending {
+            // The common case at low load: nothing to share.
+            return self.statement(batch, pending).await;
+        }
         let mut leaders = Vec::with_capacity(pending.len());
         let mut leader_of = std::collections::HashMap::with_capacity(pending.len());
         // For each pending call, its key's place in `leaders`.
