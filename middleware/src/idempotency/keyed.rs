@@ -245,7 +245,10 @@ impl<St: IdempotencyStore> Keyed<St> {
                         let key = self.record_key;
                         cache.fill(mark, key, *fingerprint, &response, expires_in);
                     }
-                    return Ok(Begun::Answered(self.replay(response, expires_in)));
+                    // Counted from before the call, as the cache does: the client is never told
+                    // more than the record has left.
+                    let left = (asked + expires_in).saturating_duration_since(Instant::now());
+                    return Ok(Begun::Answered(self.replay(response, left)));
                 }
                 Begin::Mismatch if observing => {
                     return Ok(Begun::Observed(Outcome::ObservedWouldMismatch));
