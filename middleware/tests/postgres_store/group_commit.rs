@@ -38,6 +38,27 @@ async fn unlock(mut conn: PgConnection) {
         .expect("commit");
 }
 
+/// Waits until `count` statements on `schema` wait for a lock.
+async fn statements_waiting_for_a_lock(schema: &str, count: i64) {
+    let mut conn = admin().await;
+    test_fixtures::eventually(
+        Duration::from_secs(10),
+        "statements to wait for the lock",
+        async || {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND position($1 in query) > 0",
+            )
+            .bind(schema)
+            .fetch_one(&mut conn)
+            .await
+            .expect("count waiting statements");
+            waiting >= count
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_begins_on_distinct_keys_share_statements_and_each_acquire() {
     let (store, schema) = fresh_store().await;
@@ -242,11 +263,13 @@ async fn a_failing_batch_fails_every_call_and_writes_nothing() {
     .expect("create the trigger");
 
     let lock = hold(format!("LOCK TABLE {table} IN SHARE MODE")).await;
-    // Two calls occupy the two batches in flight (blocked by the lock) ...
-    let openers: Vec<_> = (0..2)
-        .map(|i| spawn_begin(&store, key(&format!("opener-{i}"))))
-        .collect();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Two calls occupy the two batches in flight (blocked by the lock), one each: the second is
+    // sent once the first waits for the lock, so that they cannot gather into one batch ...
+    let mut openers = Vec::new();
+    for i in 0..2 {
+        openers.push(spawn_begin(&store, key(&format!("opener-{i}"))));
+        statements_waiting_for_a_lock(&schema, i + 1).await;
+    }
     // ... while these gather into the next one, with the poison among them.
     let mut members: Vec<_> = (0..10)
         .map(|i| spawn_begin(&store, key(&format!("member-{i}"))))

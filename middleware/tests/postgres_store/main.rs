@@ -15,6 +15,7 @@ use tower_idempotency::store::PostgresStoreBuilder;
 use tower_idempotency::{Begin, PostgresStore};
 
 mod group_commit;
+mod plans;
 mod processes;
 mod reaper;
 mod rows;

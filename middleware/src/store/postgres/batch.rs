@@ -20,9 +20,10 @@
 //! has it) before any of its calls is answered, or fails and none of them is.
 
 use sqlx::postgres::PgPool;
-use sqlx::{AssertSqlSafe, Row, SqlSafeStr, SqlStr};
+use sqlx::{Row, SqlStr};
 use std::sync::Arc;
 
+use super::replan::{Replan, Replanned};
 use super::statements::{MAX_BEGIN_ATTEMPTS, read_begin};
 use crate::store::batch::Execute;
 use crate::store::{Begin, StoreError};
@@ -56,20 +57,21 @@ pub(super) struct Begins {
     pub pool: PgPool,
     /// The single-request statement.
     pub single: SqlStr,
-    pub batch: SqlStr,
+    pub batch: Replanned,
 }
 
 /// Runs batches of `complete`; answers `true` when the call's lease completed the record.
 pub(super) struct Completes {
     pub pool: PgPool,
     pub single: SqlStr,
-    pub batch: SqlStr,
+    pub batch: Replanned,
     pub channel: String,
 }
 
-/// The batch statements on table `t` (a quoted, validated `"schema"."table"`).
-pub(super) fn statements(t: &str) -> (SqlStr, SqlStr) {
-    let sql = |text: String| AssertSqlSafe(Arc::<str>::from(text)).into_sql_str();
+/// The batch statements on table `t` (a quoted, validated `"schema"."table"`), planned anew as
+/// `replan` says.
+pub(super) fn statements(t: &str, replan: &Arc<Replan>) -> (Replanned, Replanned) {
+    let sql = |text: String| Replanned::new(text, Arc::clone(replan));
     // Must match the takeover of the single-request `begin` in `statements.rs`.
     let same_run = "r.response IS NULL AND r.fingerprint = excluded.fingerprint";
     let begin = sql(format!(
@@ -261,7 +263,7 @@ impl Begins {
         let keys: Vec<Vec<u8>> = calls.clone().map(|call| call.key.to_vec()).collect();
         let fingerprints: Vec<Vec<u8>> = calls.clone().map(|c| c.fingerprint.to_vec()).collect();
         let ttls: Vec<i64> = calls.map(|call| call.ttl_micros).collect();
-        let rows = sqlx::query(self.batch.clone())
+        let rows = sqlx::query(self.batch.next())
             .bind(keys)
             .bind(fingerprints)
             .bind(ttls)
@@ -318,7 +320,7 @@ impl Execute for Completes {
         let tokens: Vec<i64> = batch.iter().map(|call| call.token).collect();
         let ttls: Vec<i64> = batch.iter().map(|call| call.ttl_micros).collect();
         let responses: Vec<Vec<u8>> = batch.into_iter().map(|call| call.response).collect();
-        let rows = sqlx::query(self.batch.clone())
+        let rows = sqlx::query(self.batch.next())
             .bind(&keys)
             .bind(tokens)
             .bind(responses)

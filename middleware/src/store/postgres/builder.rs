@@ -11,6 +11,7 @@ use sqlx::{Connection, PgConnection};
 use tokio::sync::oneshot;
 
 use super::listener::{channel_name, listen, open_listener};
+use super::replan::Replan;
 use super::statements::Statements;
 use super::{Inner, PostgresStore, batch, records};
 use crate::store::batch::Batcher;
@@ -156,8 +157,9 @@ impl PostgresStoreBuilder {
         ));
 
         let statements = Statements::new(&self.schema, &self.table);
+        let replan = Arc::new(Replan::default());
         let (begin_batch, complete_batch) =
-            batch::statements(&format!("\"{}\".\"{}\"", self.schema, self.table));
+            batch::statements(&format!("\"{}\".\"{}\"", self.schema, self.table), &replan);
         let begins = Batcher::spawn(
             batch::Begins {
                 pool: pool.clone(),
@@ -191,6 +193,7 @@ impl PostgresStoreBuilder {
             table: self.table,
             channel,
             reaper_batch: self.reaper_batch,
+            replan,
             notifier,
             forgets,
             _stop_listener: stop_listener,

@@ -117,7 +117,7 @@ impl Statements {
             reap: sql(format!(
                 "DELETE FROM {t} WHERE ctid = ANY(ARRAY( \
                      SELECT ctid FROM {t} WHERE expires_at <= now() \
-                     LIMIT $1 FOR UPDATE SKIP LOCKED))"
+                     ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED))"
             )),
         }
     }
