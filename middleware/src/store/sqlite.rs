@@ -59,6 +59,30 @@ macro_rules! same_run {
          AND idempotency_records.fingerprint = excluded.fingerprint"
     };
 }
+/// Takes over the key's row when the insert of a lease finds one that is no longer live (an
+/// expired record, or a lapsed lease whose next attempt this is); a live row is left alone.
+/// Macro so that `ACQUIRE` and the batch's many-row insert (`sqlite_batch`) share it.
+macro_rules! on_conflict_take_over {
+    () => {
+        concat!(
+            "ON CONFLICT (key) DO UPDATE SET fingerprint = excluded.fingerprint, ",
+            "token = excluded.token, response = NULL, expires_at = excluded.expires_at, ",
+            "attempt = CASE WHEN ",
+            same_run!(),
+            " THEN idempotency_records.attempt + 1 ELSE 1 END, ",
+            "checkpoint_name = CASE WHEN ",
+            same_run!(),
+            " THEN idempotency_records.checkpoint_name END, ",
+            "checkpoint_data = CASE WHEN ",
+            same_run!(),
+            " THEN idempotency_records.checkpoint_data END ",
+            "WHERE idempotency_records.expires_at <= ",
+            now_ms!(),
+            " "
+        )
+    };
+}
+pub(super) use {now_ms, on_conflict_take_over, same_run};
 /// Inserts the lease, or takes over the key's row; only run under the write lock, after `LOOKUP`
 /// found no live row. Returns the attempt and the recovery point the new lease inherits.
 pub(super) const ACQUIRE: &str = concat!(
@@ -66,17 +90,7 @@ pub(super) const ACQUIRE: &str = concat!(
     "VALUES (?1, ?2, ?3, NULL, ",
     now_ms!(),
     " + ?4) ",
-    "ON CONFLICT (key) DO UPDATE SET fingerprint = excluded.fingerprint, ",
-    "token = excluded.token, response = NULL, expires_at = excluded.expires_at, ",
-    "attempt = CASE WHEN ",
-    same_run!(),
-    " THEN idempotency_records.attempt + 1 ELSE 1 END, ",
-    "checkpoint_name = CASE WHEN ",
-    same_run!(),
-    " THEN idempotency_records.checkpoint_name END, ",
-    "checkpoint_data = CASE WHEN ",
-    same_run!(),
-    " THEN idempotency_records.checkpoint_data END ",
+    on_conflict_take_over!(),
     "RETURNING attempt, checkpoint_name, checkpoint_data"
 );
 const CHECKPOINT: &str = "UPDATE idempotency_records SET checkpoint_name = ?3, checkpoint_data = ?4 \
@@ -269,6 +283,9 @@ impl SqliteStoreBuilder {
                 });
                 SqlitePoolOptions::new()
                     .max_connections(max_connections)
+                    // A connection to a local file does not go stale as a network one can, and
+                    // the ping that tests it is a hand-off to its thread on every acquire.
+                    .test_before_acquire(false)
                     .connect_with(options)
                     .await
                     .map_err(StoreError::backend)?

@@ -7,10 +7,10 @@ use sqlx::{Connection, SqliteConnection};
 use tempfile::TempDir;
 use test_fixtures::batch_sizes;
 use test_fixtures::records::{
-    assert_the_batch_failed_whole, fingerprint, key, response, spawn_begin,
+    acquire, assert_the_batch_failed_whole, fingerprint, key, response, spawn_begin,
 };
 use tower_idempotency::conformance::LONG;
-use tower_idempotency::{Begin, IdempotencyStore, SqliteStore};
+use tower_idempotency::{Begin, IdempotencyStore, LeaseToken, SqliteStore, StoreError};
 
 use super::{row_count, url};
 
@@ -155,4 +155,147 @@ async fn a_failing_batch_fails_every_call_and_writes_nothing() {
         store.begin(&key("m-3"), &fingerprint(1), LONG).await,
         Ok(Begin::Acquired { .. })
     ));
+}
+
+/// One batch holding every kind of write: new keys, a key another call of the batch's
+/// predecessor acquired, completes (one of a lease that no longer exists), and a key that is
+/// taken over and completed by its lapsed holder in the same batch. Each call gets the answer it
+/// would get alone, in queue order, and the batch is one transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_every_kind_of_write_answers_each_as_if_sequential() {
+    let dir = TempDir::new().expect("temporary directory");
+    let sizes = batch_sizes::Sizes::default();
+    let store = store_recording(&dir, &sizes).await;
+    let completed = acquire(&store, &key("completed"), LONG).await;
+    let lapsed = acquire(&store, &key("lapsed"), Duration::from_millis(50)).await;
+    tokio::time::sleep(Duration::from_millis(120)).await;
+
+    let lock = hold_write_lock(&dir).await;
+    // The first call occupies the writer, waiting for the lock; the others queue behind it, in
+    // this order, and form the next batch.
+    let first = spawn_begin(&store, key("contended"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut calls = Vec::new();
+    let in_order = Duration::from_millis(20);
+    calls.push(tokio::spawn(begin_as(&store, "contended", 1)));
+    tokio::time::sleep(in_order).await;
+    calls.push(tokio::spawn(complete_as(&store, "completed", completed)));
+    tokio::time::sleep(in_order).await;
+    calls.push(tokio::spawn(complete_as(
+        &store,
+        "never-begun",
+        LeaseToken(999_999),
+    )));
+    tokio::time::sleep(in_order).await;
+    calls.push(tokio::spawn(begin_as(&store, "lapsed", 2)));
+    tokio::time::sleep(in_order).await;
+    calls.push(tokio::spawn(complete_as(&store, "lapsed", lapsed)));
+    for new in ["new-1", "new-2"] {
+        tokio::time::sleep(in_order).await;
+        calls.push(tokio::spawn(begin_as(&store, new, 1)));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    unlock(lock).await;
+
+    let first = first.await.expect("task").expect("begin");
+    let Begin::Acquired { token: first, .. } = first else {
+        panic!("the lone first call acquires its key: {first:?}");
+    };
+    let mut answers = Vec::new();
+    for call in calls {
+        answers.push(call.await.expect("task"));
+    }
+    let [
+        contended,
+        complete,
+        never_begun,
+        taken_over,
+        late_complete,
+        new_1,
+        new_2,
+    ] = &answers[..]
+    else {
+        panic!("seven answers: {answers:?}");
+    };
+    assert!(
+        matches!(contended, Ok(Written::Begun(Begin::InFlight))),
+        "{contended:?}"
+    );
+    assert!(matches!(complete, Ok(Written::Completed)), "{complete:?}");
+    assert!(
+        matches!(never_begun, Err(StoreError::LeaseLost)),
+        "{never_begun:?}"
+    );
+    let Ok(Written::Begun(Begin::Acquired {
+        token: takeover,
+        attempt: 1,
+        ..
+    })) = taken_over
+    else {
+        panic!("another request takes the lapsed key over: {taken_over:?}");
+    };
+    assert!(
+        matches!(late_complete, Err(StoreError::LeaseLost)),
+        "the lapsed holder, queued after the takeover, has lost its lease: {late_complete:?}"
+    );
+    let mut tokens = vec![first.0, takeover.0];
+    for new in [new_1, new_2] {
+        let Ok(Written::Begun(Begin::Acquired {
+            token, attempt: 1, ..
+        })) = new
+        else {
+            panic!("a new key is acquired: {new:?}");
+        };
+        tokens.push(token.0);
+    }
+    assert!(tokens.iter().all(|token| *token > lapsed.0), "{tokens:?}");
+    tokens.sort_unstable();
+    tokens.dedup();
+    assert_eq!(tokens.len(), 4, "every lease has a token of its own");
+    assert!(
+        sizes.seen().contains(&7.0),
+        "the seven queued calls were one batch: {:?}",
+        sizes.seen()
+    );
+    assert!(matches!(
+        store.begin(&key("completed"), &fingerprint(1), LONG).await,
+        Ok(Begin::Completed { response: stored, .. }) if stored.body == "ok".as_bytes()
+    ));
+    assert!(matches!(
+        store.begin(&key("lapsed"), &fingerprint(2), LONG).await,
+        Ok(Begin::InFlight)
+    ));
+}
+
+/// What a call of [`a_batch_of_every_kind_of_write_answers_each_as_if_sequential`] got.
+#[derive(Debug)]
+enum Written {
+    Begun(Begin),
+    Completed,
+}
+
+fn begin_as(
+    store: &SqliteStore,
+    name: &str,
+    tag: u8,
+) -> impl Future<Output = Result<Written, StoreError>> + use<> {
+    let (store, key) = (store.clone(), key(name));
+    async move {
+        store
+            .begin(&key, &fingerprint(tag), LONG)
+            .await
+            .map(Written::Begun)
+    }
+}
+
+fn complete_as(
+    store: &SqliteStore,
+    name: &str,
+    token: LeaseToken,
+) -> impl Future<Output = Result<Written, StoreError>> + use<> {
+    let (store, key) = (store.clone(), key(name));
+    async move {
+        let stored = store.complete(&key, token, &response("ok"), LONG).await;
+        stored.map(|()| Written::Completed)
+    }
 }
