@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Connection, PgConnection};
+
+/// A pooled connection idle this long is pinged before it is used.
+const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
 use tokio::sync::oneshot;
 
 use super::listener::{channel_name, listen, open_listener};
@@ -132,6 +135,18 @@ impl PostgresStoreBuilder {
                 }
                 let pool = PgPoolOptions::new()
                     .max_connections(self.max_connections.unwrap_or_else(sql::default_pool_size))
+                    // sqlx pings every connection it hands out, a round trip before each
+                    // statement; only one that sat idle may have gone stale (a restarted
+                    // server, a cut network), so only such a one is pinged.
+                    .test_before_acquire(false)
+                    .before_acquire(|conn, meta| {
+                        Box::pin(async move {
+                            if meta.idle_for >= PING_WHEN_IDLE_FOR {
+                                conn.ping().await?;
+                            }
+                            Ok(true)
+                        })
+                    })
                     .connect_with(options.clone())
                     .await
                     .map_err(StoreError::backend)?;
