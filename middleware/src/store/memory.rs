@@ -59,8 +59,11 @@ struct Inner {
 #[derive(Debug, Default)]
 struct Shard {
     records: HashMap<RecordKey, Record, BuildHasherDefault<DigestHasher>>,
-    // Deadlines to revisit, possibly stale (a renewed or completed record pushes a new one); a
-    // popped deadline only removes the record if the record's own deadline has passed.
+    // Deadlines to revisit, possibly stale. Every record has an entry no later than its own
+    // deadline: a popped entry removes the record if the record's deadline has passed, and
+    // otherwise is pushed again at that deadline. So a record whose deadline moves later (a
+    // renewal; completion, whose `ttl` is usually the longer) pushes nothing on the request
+    // path, and the heap holds about one entry per record.
     deadlines: BinaryHeap<Reverse<(Instant, RecordKey)>>,
 }
 
@@ -207,8 +210,13 @@ fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
 
 impl Shard {
     fn set(&mut self, key: RecordKey, record: Record) {
-        self.deadlines.push(Reverse((record.deadline(), key)));
-        self.records.insert(key, record);
+        let deadline = record.deadline();
+        if let Some(earlier) = self.records.insert(key, record)
+            && earlier.deadline() <= deadline
+        {
+            return; // The earlier record's entry comes first and is pushed again then.
+        }
+        self.deadlines.push(Reverse((deadline, key)));
     }
 
     fn purge(&mut self, now: Instant, budget: usize) -> usize {
@@ -221,13 +229,13 @@ impl Shard {
             let Some(Reverse((_, key))) = self.deadlines.pop() else {
                 break;
             };
-            if self
-                .records
-                .get(&key)
-                .is_some_and(|record| record.deadline() <= now)
-            {
-                self.records.remove(&key);
-                removed += 1;
+            match self.records.get(&key).map(Record::deadline) {
+                Some(deadline) if deadline <= now => {
+                    self.records.remove(&key);
+                    removed += 1;
+                }
+                Some(later) => self.deadlines.push(Reverse((later, key))),
+                None => {}
             }
         }
         removed
@@ -384,7 +392,6 @@ impl IdempotencyStore for MemoryStore {
                 *at = lease_until;
                 *keep = keep_until;
             }
-            shard.deadlines.push(Reverse((keep_until, *key)));
         })
     }
 
@@ -510,6 +517,79 @@ mod tests {
         assert_eq!(
             heap_entries, 1000,
             "only the unexpired lease deadlines remain"
+        );
+    }
+
+    fn heap_entries(store: &MemoryStore) -> usize {
+        store
+            .inner
+            .shards
+            .iter()
+            .map(|shard| lock(shard).deadlines.len())
+            .sum()
+    }
+
+    #[tokio::test]
+    async fn a_record_keeps_one_deadline_entry_as_its_deadline_moves_later() {
+        let store = MemoryStore::builder()
+            .sweep_interval(Duration::from_secs(3600))
+            .build();
+        let fingerprint = Fingerprint::from_bytes([1; 32]);
+        let lock_ttl = Duration::from_millis(20);
+        for i in 0..100 {
+            let Begin::Acquired { token, .. } =
+                store.begin(&key(i), &fingerprint, lock_ttl).await.unwrap()
+            else {
+                panic!("fresh key must be acquired")
+            };
+            store.renew(&key(i), token, lock_ttl).await.unwrap();
+            let response =
+                StoredResponse::new(http::StatusCode::OK, Default::default(), "x".into());
+            store
+                .complete(&key(i), token, &response, Duration::from_secs(3600))
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            heap_entries(&store),
+            100,
+            "renewals and completions push none"
+        );
+        // Past the leases' deadlines: their entries come due, and are pushed again at the
+        // records' own deadlines.
+        tokio::time::sleep(3 * lock_ttl).await;
+        assert_eq!(store.purge_expired(), 0);
+        assert_eq!(store.len(), 100);
+        assert_eq!(heap_entries(&store), 100);
+        assert!(matches!(
+            store.begin(&key(7), &fingerprint, lock_ttl).await.unwrap(),
+            Begin::Completed { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_record_whose_deadline_moves_earlier_is_purged_on_time() {
+        let store = MemoryStore::builder()
+            .sweep_interval(Duration::from_secs(3600))
+            .build();
+        let fingerprint = Fingerprint::from_bytes([1; 32]);
+        let Begin::Acquired { token, .. } = store
+            .begin(&key(1), &fingerprint, Duration::from_secs(60))
+            .await
+            .unwrap()
+        else {
+            panic!("fresh key must be acquired")
+        };
+        let response = StoredResponse::new(http::StatusCode::OK, Default::default(), "x".into());
+        store
+            .complete(&key(1), token, &response, Duration::from_millis(10))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_eq!(
+            store.purge_expired(),
+            1,
+            "purged at the record's ttl, not the lease's"
         );
     }
 
