@@ -59,11 +59,13 @@ struct Inner {
 #[derive(Debug, Default)]
 struct Shard {
     records: HashMap<RecordKey, Record, BuildHasherDefault<DigestHasher>>,
-    // Deadlines to revisit, possibly stale. Every record has an entry no later than its own
-    // deadline: a popped entry removes the record if the record's deadline has passed, and
-    // otherwise is pushed again at that deadline. So a record whose deadline moves later (a
+    // Deadlines to revisit. Every record has one entry of its own (`Record::queued`), no later
+    // than its deadline: when it comes due, the record is removed if its deadline has passed,
+    // and otherwise queued again at that deadline. So a record whose deadline moves later (a
     // renewal; completion, whose `ttl` is usually the longer) pushes nothing on the request
-    // path, and the heap holds about one entry per record.
+    // path. Entries of records since removed or replaced (`queued` differs) are stale and are
+    // dropped when they come due: the heap holds about one entry per record plus the records
+    // removed within the last lease.
     deadlines: BinaryHeap<Reverse<(Instant, RecordKey)>>,
 }
 
@@ -71,6 +73,8 @@ struct Shard {
 struct Record {
     fingerprint: Fingerprint,
     state: State,
+    /// When this record's entry in `Shard::deadlines` comes due: never later than its deadline.
+    queued: Instant,
 }
 
 #[derive(Debug)]
@@ -209,14 +213,26 @@ fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
 }
 
 impl Shard {
-    fn set(&mut self, key: RecordKey, record: Record) {
+    /// Puts the record of `key`, taking over the entry of the record it replaces when that one
+    /// comes due no later than the new deadline.
+    fn set(&mut self, key: RecordKey, fingerprint: Fingerprint, state: State) {
+        let mut record = Record {
+            fingerprint,
+            state,
+            queued: Instant::now(),
+        };
         let deadline = record.deadline();
-        if let Some(earlier) = self.records.insert(key, record)
-            && earlier.deadline() <= deadline
-        {
-            return; // The earlier record's entry comes first and is pushed again then.
+        match self.records.get(&key) {
+            Some(earlier) if earlier.queued <= deadline => record.queued = earlier.queued,
+            _ => self.queue(key, &mut record, deadline),
         }
-        self.deadlines.push(Reverse((deadline, key)));
+        self.records.insert(key, record);
+    }
+
+    /// Gives `record` (of `key`) an entry coming due at `at`; the one it had goes stale.
+    fn queue(&mut self, key: RecordKey, record: &mut Record, at: Instant) {
+        record.queued = at;
+        self.deadlines.push(Reverse((at, key)));
     }
 
     fn purge(&mut self, now: Instant, budget: usize) -> usize {
@@ -226,16 +242,22 @@ impl Shard {
                 Some(Reverse((deadline, _))) if *deadline <= now => {}
                 _ => break,
             }
-            let Some(Reverse((_, key))) = self.deadlines.pop() else {
+            let Some(Reverse((due, key))) = self.deadlines.pop() else {
                 break;
             };
-            match self.records.get(&key).map(Record::deadline) {
-                Some(deadline) if deadline <= now => {
-                    self.records.remove(&key);
-                    removed += 1;
-                }
-                Some(later) => self.deadlines.push(Reverse((later, key))),
-                None => {}
+            let Some(record) = self.records.get_mut(&key) else {
+                continue; // Removed since: a stale entry.
+            };
+            if record.queued != due {
+                continue; // Replaced, or queued again earlier: a stale entry.
+            }
+            let deadline = record.deadline();
+            if deadline <= now {
+                self.records.remove(&key);
+                removed += 1;
+            } else {
+                record.queued = deadline;
+                self.deadlines.push(Reverse((deadline, key)));
             }
         }
         removed
@@ -304,15 +326,13 @@ impl IdempotencyStore for MemoryStore {
         shard.purge(now, INLINE_PURGE_BUDGET);
         shard.set(
             *key,
-            Record {
-                fingerprint: *fingerprint,
-                state: State::InFlight {
-                    token,
-                    lease_until: now + lock_ttl,
-                    keep_until: now + lock_ttl.saturating_mul(2),
-                    attempt,
-                    recovery_point: recovery_point.clone(),
-                },
+            *fingerprint,
+            State::InFlight {
+                token,
+                lease_until: now + lock_ttl,
+                keep_until: now + lock_ttl.saturating_mul(2),
+                attempt,
+                recovery_point: recovery_point.clone(),
             },
         );
         Ok(Begin::Acquired {
@@ -334,12 +354,10 @@ impl IdempotencyStore for MemoryStore {
             let fingerprint = shard.records[key].fingerprint;
             shard.set(
                 *key,
-                Record {
-                    fingerprint,
-                    state: State::Completed {
-                        response: encoded,
-                        expires_at: now + ttl,
-                    },
+                fingerprint,
+                State::Completed {
+                    response: encoded,
+                    expires_at: now + ttl,
                 },
             );
         })?;
@@ -379,18 +397,22 @@ impl IdempotencyStore for MemoryStore {
         self.with_lease(key, token, |shard, now| {
             let lease_until = now + lock_ttl;
             let keep_until = now + lock_ttl.saturating_mul(2);
-            if let Some(Record {
-                state:
-                    State::InFlight {
-                        lease_until: at,
-                        keep_until: keep,
-                        ..
-                    },
+            let Some(record) = shard.records.get_mut(key) else {
+                return;
+            };
+            if let State::InFlight {
+                lease_until: at,
+                keep_until: keep,
                 ..
-            }) = shard.records.get_mut(key)
+            } = &mut record.state
             {
                 *at = lease_until;
                 *keep = keep_until;
+            }
+            // A shorter lease than before (a late outcome's last stretch) comes due earlier.
+            if keep_until < record.queued {
+                record.queued = keep_until;
+                shard.deadlines.push(Reverse((keep_until, *key)));
             }
         })
     }
@@ -565,6 +587,60 @@ mod tests {
             store.begin(&key(7), &fingerprint, lock_ttl).await.unwrap(),
             Begin::Completed { .. }
         ));
+    }
+
+    #[tokio::test]
+    async fn a_key_released_and_begun_again_leaves_no_entries_behind() {
+        let store = MemoryStore::builder()
+            .sweep_interval(Duration::from_secs(3600))
+            .build();
+        let fingerprint = Fingerprint::from_bytes([1; 32]);
+        let lock_ttl = Duration::from_millis(10);
+        // A client retrying against a failing upstream: each attempt is begun and released.
+        for _ in 0..100 {
+            let Begin::Acquired { token, .. } =
+                store.begin(&key(1), &fingerprint, lock_ttl).await.unwrap()
+            else {
+                panic!("a released key is acquired again")
+            };
+            store.release(&key(1), token).await.unwrap();
+        }
+        store
+            .begin(&key(1), &fingerprint, Duration::from_secs(3600))
+            .await
+            .unwrap();
+        tokio::time::sleep(3 * lock_ttl).await;
+        assert_eq!(store.purge_expired(), 0);
+        assert_eq!(
+            heap_entries(&store),
+            1,
+            "only the live lease's entry is left"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lease_renewed_for_less_is_purged_at_its_new_deadline() {
+        let store = MemoryStore::builder()
+            .sweep_interval(Duration::from_secs(3600))
+            .build();
+        let fingerprint = Fingerprint::from_bytes([1; 32]);
+        let Begin::Acquired { token, .. } = store
+            .begin(&key(1), &fingerprint, Duration::from_secs(60))
+            .await
+            .unwrap()
+        else {
+            panic!("fresh key must be acquired")
+        };
+        store
+            .renew(&key(1), token, Duration::from_millis(5))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_eq!(
+            store.purge_expired(),
+            1,
+            "kept twice the shorter lease, not the first"
+        );
     }
 
     #[tokio::test]

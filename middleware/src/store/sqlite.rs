@@ -168,12 +168,13 @@ const REAP: &str = concat!(
 /// the key up with a plain read: a replay, an in-flight key and a mismatch are answered without
 /// taking the write lock. Only when no live row exists does it hand the call to the store's
 /// single writer task, which opens a `BEGIN IMMEDIATE` transaction (taking SQLite's write lock
-/// up front, waiting up to the busy timeout), looks again under that lock, and inserts or takes
-/// over the row with a new token. Because SQLite admits one writer at a time, two concurrent
-/// `begin`s cannot both acquire.
+/// up front, waiting up to the busy timeout) and inserts the row with a new token, or takes over
+/// a row that is no longer live; a row that became live meanwhile is looked up and answered
+/// from. Because SQLite admits one writer at a time, two concurrent `begin`s cannot both acquire.
 ///
 /// **Group commit.** The writer runs every `begin` and `complete` queued while it was busy in
-/// one transaction, one after the other in queue order (so two calls on one key behave as if
+/// one transaction (the completes as one statement, the begins as one, later calls on a key of
+/// the batch one by one after them, in queue order, so two calls on one key behave as if
 /// sequential), and answers them only after `COMMIT`: one write lock and one fsync per batch.
 /// A statement that fails rolls the whole batch back and fails every call of it. No timer: a
 /// lone call finds the writer idle and runs at once. The sizes are in the
@@ -317,7 +318,7 @@ impl SqliteStoreBuilder {
 }
 
 /// Applies `migrations/sqlite`.
-async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
+pub(super) async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
     let mut migrator = sqlx::migrate!("migrations/sqlite");
     migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
     // A newer release may have applied migrations this one does not know (after a rollback):

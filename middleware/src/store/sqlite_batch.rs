@@ -248,15 +248,27 @@ async fn run_one(
                 .fetch_one(&mut *conn)
                 .await
                 .map_err(StoreError::backend)?;
-            let row = sqlx::query(ACQUIRE)
+            let acquired = sqlx::query(ACQUIRE)
                 .bind(&key[..])
                 .bind(&fingerprint[..])
                 .bind(token)
                 .bind(*ttl_millis)
-                .fetch_one(&mut *conn)
+                .fetch_optional(&mut *conn)
                 .await
                 .map_err(StoreError::backend)?;
-            Ok(lease(&row, token, 0))
+            if let Some(row) = acquired {
+                return Ok(lease(&row, token, 0));
+            }
+            // The row is live after all (the clock stepped back since the lookup): answered
+            // from it, as a lookup that had seen it would have been.
+            match SqliteStore::lookup(&mut *conn, &record, &request).await {
+                Ok(Some(found)) => Ok(Ok(Written::Begin(found))),
+                Ok(None) => Err(StoreError::backend(
+                    "a begin found its key's row neither live nor free",
+                )),
+                Err(error @ StoreError::Corrupt(_)) => Ok(Err(error)),
+                Err(error) => Err(error),
+            }
         }
         WriteCall::Complete {
             key,
@@ -300,4 +312,90 @@ fn lease(row: &SqliteRow, token: i64, at: usize) -> Result<Written, StoreError> 
         attempt,
         recovery_point,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use sqlx::sqlite::SqlitePoolOptions;
+
+    use super::*;
+    use crate::scope::Scope;
+
+    /// A migrated in-memory database on one connection.
+    async fn database() -> SqlitePool {
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .expect("open an in-memory database");
+        super::super::sqlite::migrate(&pool).await.expect("migrate");
+        pool
+    }
+
+    fn key(n: u8) -> [u8; 32] {
+        *RecordKey::new(&Scope::anonymous(), &[n]).as_bytes()
+    }
+
+    fn begin(n: u8) -> WriteCall {
+        WriteCall::Begin {
+            key: key(n),
+            fingerprint: [1; 32],
+            ttl_millis: 60_000,
+        }
+    }
+
+    fn acquired_token(answer: Option<&Result<Written, StoreError>>) -> i64 {
+        match answer {
+            Some(Ok(Written::Begin(Begin::Acquired {
+                token, attempt: 1, ..
+            }))) => i64::try_from(token.0).expect("token"),
+            _ => panic!("expected a lease"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_many_row_statements_acquire_and_complete_every_call_they_can() {
+        let pool = database().await;
+        let mut conn = pool.acquire().await.expect("connection");
+        let batch = [begin(1), begin(2), begin(3)];
+        let mut answers: Answers = batch.iter().map(|_| None).collect();
+        let held = acquire_all(&mut conn, &batch, &[0, 1, 2], &mut answers)
+            .await
+            .expect("acquire");
+        assert!(held.is_empty(), "three free keys are all acquired at once");
+        let tokens: Vec<i64> = answers.iter().map(|a| acquired_token(a.as_ref())).collect();
+        let mut distinct = tokens.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 3, "a token of its own each: {tokens:?}");
+
+        // Key 1 is now held live: left to the single-request path. Key 4 is free.
+        let batch = [begin(1), begin(4)];
+        let mut answers: Answers = batch.iter().map(|_| None).collect();
+        let held = acquire_all(&mut conn, &batch, &[0, 1], &mut answers)
+            .await
+            .expect("acquire");
+        assert_eq!(held, [0]);
+        assert!(answers[0].is_none());
+        assert!(acquired_token(answers[1].as_ref()) > *distinct.last().expect("tokens"));
+
+        let complete = |n: u8, token: i64| WriteCall::Complete {
+            key: key(n),
+            token,
+            response: b"stored".to_vec(),
+            ttl_millis: Duration::from_secs(60).as_millis().try_into().expect("ttl"),
+        };
+        let batch = [complete(2, tokens[1]), complete(3, tokens[2] + 100)];
+        let mut answers: Answers = batch.iter().map(|_| None).collect();
+        complete_all(&mut conn, &batch, &[0, 1], &mut answers)
+            .await
+            .expect("complete");
+        assert!(matches!(answers[0], Some(Ok(Written::Complete(true)))));
+        assert!(
+            matches!(answers[1], Some(Ok(Written::Complete(false)))),
+            "another token than the lease's completes nothing"
+        );
+    }
 }

@@ -8,9 +8,6 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Connection, PgConnection};
-
-/// A pooled connection idle this long is pinged before it is used.
-const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
 use tokio::sync::oneshot;
 
 use super::listener::{channel_name, listen, open_listener};
@@ -19,6 +16,9 @@ use super::statements::Statements;
 use super::{Inner, PostgresStore, batch, records};
 use crate::store::batch::Batcher;
 use crate::store::{CompletionNotifier, ForgetSender, StoreError, sql};
+
+/// A pooled connection idle this long is pinged before it is used.
+const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
 
 /// The schema used unless configured otherwise.
 const DEFAULT_SCHEMA: &str = "public";
@@ -137,7 +137,9 @@ impl PostgresStoreBuilder {
                     .max_connections(self.max_connections.unwrap_or_else(sql::default_pool_size))
                     // sqlx pings every connection it hands out, a round trip before each
                     // statement; only one that sat idle may have gone stale (a restarted
-                    // server, a cut network), so only such a one is pinged.
+                    // server, a cut network), so only such a one is pinged. The price: a
+                    // connection that broke less than that ago fails the statement it is
+                    // given (one batch: 503 or release), and sqlx replaces it.
                     .test_before_acquire(false)
                     .before_acquire(|conn, meta| {
                         Box::pin(async move {

@@ -227,7 +227,8 @@ struct Inner {
     channel: String,
     statements: Statements,
     reaper_batch: u32,
-    /// The batch statements' plan generation, which each reaper pass renews (see `replan`).
+    /// The batch statements' plan generation, which a reaper pass renews when the table has
+    /// doubled (see `replan`).
     replan: Arc<replan::Replan>,
     notifier: CompletionNotifier,
     /// Group commit of `begin` and `complete` (see `batch`).
@@ -284,7 +285,16 @@ impl fmt::Debug for PostgresStore {
 
 impl Reap for Inner {
     async fn reap_expired(&self) -> Result<u64, StoreError> {
-        self.replan.start_generation();
+        // The table's size, for the batch statements' plans (see `replan`): an error here
+        // leaves them as they are, it does not fail the pass.
+        let size: Result<i64, _> = sqlx::query_scalar("SELECT pg_relation_size($1::regclass)")
+            .bind(format!("\"{}\".\"{}\"", self.schema, self.table))
+            .fetch_one(&self.pool)
+            .await;
+        match size {
+            Ok(bytes) => self.replan.table_is(u64::try_from(bytes).unwrap_or(0)),
+            Err(error) => tracing::debug!(%error, "reading the records table's size failed"),
+        }
         sql::reap_in_batches("postgres", self.reaper_batch, || async {
             // Planned with the table as it is on every pass (an unnamed statement: a pass runs
             // once a reaper interval, so planning costs nothing that shows). A plan cached

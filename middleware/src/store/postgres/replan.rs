@@ -15,9 +15,11 @@
 //!
 //! So the batch statements' text carries a plan generation (`/* plan N */`): a new generation is a
 //! new text, which sqlx prepares anew and PostgreSQL plans anew with the table as it is now. A
-//! generation starts on every reaper pass (every reaper interval) and each time the number of
-//! batches run doubles, from 64 on: often while a new table fills, rarely once it is steady.
-//! Statements of earlier generations leave sqlx's per-connection cache as it evicts them.
+//! generation starts each time the number of batches run doubles, from 64 on, and when a reaper
+//! pass finds the table at least twice the size it had when a pass last started one (other
+//! processes sharing the table fill it too): often while a new table fills, rarely once it is
+//! steady. Statements of earlier generations leave sqlx's per-connection cache as it evicts
+//! them (each generation leaves two per connection, a few dozen over a table's life).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -32,12 +34,19 @@ const FIRST_DOUBLING: u64 = 64;
 pub(super) struct Replan {
     generation: AtomicU64,
     batches: AtomicU64,
+    /// The table's size in bytes when [`Replan::table_is`] last started a generation.
+    planned_for_bytes: AtomicU64,
 }
 
 impl Replan {
-    /// Starts a new generation: the next batches are planned anew.
-    pub(super) fn start_generation(&self) {
-        self.generation.fetch_add(1, Ordering::Relaxed);
+    /// Starts a new generation if the table, now `bytes` large, has at least doubled since the
+    /// last one this started (the first time: if it holds anything).
+    pub(super) fn table_is(&self, bytes: u64) {
+        let planned = self.planned_for_bytes.load(Ordering::Relaxed);
+        if bytes > planned && bytes >= planned.saturating_mul(2) {
+            self.planned_for_bytes.store(bytes, Ordering::Relaxed);
+            self.generation.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Counts a batch, starting a generation when the count doubles; returns the generation.
@@ -110,11 +119,30 @@ mod tests {
             "SELECT 1 /* plan 2 */",
             "128th batch"
         );
-        replan.start_generation();
+        replan.table_is(8192);
         assert_eq!(
             statement.next().as_str(),
             "SELECT 1 /* plan 3 */",
-            "a reaper pass"
+            "a table found"
         );
+        replan.table_is(12_288);
+        assert_eq!(
+            statement.next().as_str(),
+            "SELECT 1 /* plan 3 */",
+            "not yet doubled"
+        );
+        replan.table_is(16_384);
+        assert_eq!(
+            statement.next().as_str(),
+            "SELECT 1 /* plan 4 */",
+            "doubled"
+        );
+    }
+
+    #[test]
+    fn an_empty_table_starts_no_generation() {
+        let replan = Replan::default();
+        replan.table_is(0);
+        assert_eq!(replan.generation.load(Ordering::Relaxed), 0);
     }
 }
