@@ -50,8 +50,9 @@ const LOOKUP: &str = concat!(
     " FROM idempotency_records WHERE key = ?1 AND expires_at > ",
     now_ms!()
 );
-pub(super) const NEXT_TOKEN: &str =
-    "UPDATE idempotency_tokens SET last = last + 1 WHERE id = 1 RETURNING last";
+/// Draws `?1` tokens at once: the new last one is returned, the others precede it.
+pub(super) const TAKE_TOKENS: &str =
+    "UPDATE idempotency_tokens SET last = last + ?1 WHERE id = 1 RETURNING last";
 /// Whether the row being taken over is a lapsed lease of the same request: its next attempt.
 macro_rules! same_run {
     () => {

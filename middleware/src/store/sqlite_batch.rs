@@ -23,7 +23,7 @@ use sqlx::{AssertSqlSafe, Row};
 
 use super::batch::Execute;
 use super::sqlite::{
-    ACQUIRE, COMPLETE, NEXT_TOKEN, SqliteStore, now_ms, on_conflict_take_over, same_run,
+    ACQUIRE, COMPLETE, SqliteStore, TAKE_TOKENS, now_ms, on_conflict_take_over, same_run,
 };
 use super::{Begin, LeaseToken, StoreError, sql};
 use crate::fingerprint::Fingerprint;
@@ -176,14 +176,8 @@ async fn acquire_all(
         return Ok(Vec::new());
     }
     let count = i64::try_from(at.len()).map_err(StoreError::backend)?;
-    // Tokens `last - count + 1 ..= last`, one update of the counter for the whole batch.
-    let last: i64 = sqlx::query_scalar(
-        "UPDATE idempotency_tokens SET last = last + ?1 WHERE id = 1 RETURNING last",
-    )
-    .bind(count)
-    .fetch_one(&mut *conn)
-    .await
-    .map_err(StoreError::backend)?;
+    // Tokens `last - count + 1 ..= last`: one update of the counter for the whole batch.
+    let last = take_tokens(conn, count).await?;
     let mut statement = String::from(
         "INSERT INTO idempotency_records (key, fingerprint, token, response, expires_at) VALUES ",
     );
@@ -238,16 +232,10 @@ async fn run_one(
             let record = RecordKey::from_bytes(*key);
             let request = Fingerprint::from_bytes(*fingerprint);
             // Another call (in this batch or before it) may have acquired the key.
-            match SqliteStore::lookup(&mut *conn, &record, &request).await {
-                Ok(Some(found)) => return Ok(Ok(Written::Begin(found))),
-                Ok(None) => {}
-                Err(error @ StoreError::Corrupt(_)) => return Ok(Err(error)),
-                Err(error) => return Err(error),
+            if let Some(answer) = live_row(conn, &record, &request).await? {
+                return Ok(answer);
             }
-            let token: i64 = sqlx::query_scalar(NEXT_TOKEN)
-                .fetch_one(&mut *conn)
-                .await
-                .map_err(StoreError::backend)?;
+            let token = take_tokens(conn, 1).await?;
             let acquired = sqlx::query(ACQUIRE)
                 .bind(&key[..])
                 .bind(&fingerprint[..])
@@ -261,14 +249,9 @@ async fn run_one(
             }
             // The row is live after all (the clock stepped back since the lookup): answered
             // from it, as a lookup that had seen it would have been.
-            match SqliteStore::lookup(&mut *conn, &record, &request).await {
-                Ok(Some(found)) => Ok(Ok(Written::Begin(found))),
-                Ok(None) => Err(StoreError::backend(
-                    "a begin found its key's row neither live nor free",
-                )),
-                Err(error @ StoreError::Corrupt(_)) => Ok(Err(error)),
-                Err(error) => Err(error),
-            }
+            live_row(conn, &record, &request).await?.ok_or_else(|| {
+                StoreError::backend("a begin found its key's row neither live nor free")
+            })
         }
         WriteCall::Complete {
             key,
@@ -287,6 +270,29 @@ async fn run_one(
             Ok(Ok(Written::Complete(completed.rows_affected() > 0)))
         }
     }
+}
+
+/// The answer a `begin` gets from its key's live row, if there is one. A stored record that
+/// cannot be decoded is that call's answer; any other error fails the batch.
+async fn live_row(
+    conn: &mut SqliteConnection,
+    record: &RecordKey,
+    request: &Fingerprint,
+) -> Result<Option<Result<Written, StoreError>>, StoreError> {
+    match SqliteStore::lookup(&mut *conn, record, request).await {
+        Ok(found) => Ok(found.map(|begun| Ok(Written::Begin(begun)))),
+        Err(error @ StoreError::Corrupt(_)) => Ok(Some(Err(error))),
+        Err(error) => Err(error),
+    }
+}
+
+/// Draws `count` fencing tokens; returns the last (the others are the `count - 1` before it).
+async fn take_tokens(conn: &mut SqliteConnection, count: i64) -> Result<i64, StoreError> {
+    sqlx::query_scalar(TAKE_TOKENS)
+        .bind(count)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(StoreError::backend)
 }
 
 /// `count` copies of `tuple`, comma-separated.

@@ -21,7 +21,7 @@ const GROWN_TO: i64 = 20_000;
 /// Concurrent calls per round: enough to form batches.
 const PER_ROUND: usize = 16;
 
-/// Each reaper pass has the batch statements planned anew, with the table as it is then.
+/// A reaper pass that finds the table doubled has the batch statements planned anew.
 const REAPER_INTERVAL: Duration = Duration::from_millis(200);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

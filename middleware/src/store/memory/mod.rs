@@ -94,11 +94,12 @@ enum State {
     },
 }
 
-impl Record {
+impl State {
+    /// When a record in this state may be removed.
     fn deadline(&self) -> Instant {
-        match self.state {
-            State::InFlight { keep_until, .. } => keep_until,
-            State::Completed { expires_at, .. } => expires_at,
+        match *self {
+            Self::InFlight { keep_until, .. } => keep_until,
+            Self::Completed { expires_at, .. } => expires_at,
         }
     }
 }
@@ -216,23 +217,20 @@ impl Shard {
     /// Puts the record of `key`, taking over the entry of the record it replaces when that one
     /// comes due no later than the new deadline.
     fn set(&mut self, key: RecordKey, fingerprint: Fingerprint, state: State) {
-        let mut record = Record {
+        let deadline = state.deadline();
+        let queued = match self.records.get(&key) {
+            Some(earlier) if earlier.queued <= deadline => earlier.queued,
+            _ => {
+                self.deadlines.push(Reverse((deadline, key)));
+                deadline
+            }
+        };
+        let record = Record {
             fingerprint,
             state,
-            queued: Instant::now(),
+            queued,
         };
-        let deadline = record.deadline();
-        match self.records.get(&key) {
-            Some(earlier) if earlier.queued <= deadline => record.queued = earlier.queued,
-            _ => self.queue(key, &mut record, deadline),
-        }
         self.records.insert(key, record);
-    }
-
-    /// Gives `record` (of `key`) an entry coming due at `at`; the one it had goes stale.
-    fn queue(&mut self, key: RecordKey, record: &mut Record, at: Instant) {
-        record.queued = at;
-        self.deadlines.push(Reverse((at, key)));
     }
 
     fn purge(&mut self, now: Instant, budget: usize) -> usize {
@@ -251,7 +249,7 @@ impl Shard {
             if record.queued != due {
                 continue; // Replaced, or queued again earlier: a stale entry.
             }
-            let deadline = record.deadline();
+            let deadline = record.state.deadline();
             if deadline <= now {
                 self.records.remove(&key);
                 removed += 1;

@@ -54,7 +54,7 @@ async fn expired_records_are_purged_not_leaked() {
     assert_eq!(
         heap_entries(&store),
         1000,
-        "only the unexpired lease deadlines remain"
+        "the leases' entries, stale since completion, wait until they come due"
     );
 }
 

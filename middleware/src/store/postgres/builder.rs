@@ -175,8 +175,7 @@ impl PostgresStoreBuilder {
 
         let statements = Statements::new(&self.schema, &self.table);
         let replan = Arc::new(Replan::default());
-        let (begin_batch, complete_batch) =
-            batch::statements(&format!("\"{}\".\"{}\"", self.schema, self.table), &replan);
+        let (begin_batch, complete_batch) = batch::statements(&statements.table, &replan);
         let begins = Batcher::spawn(
             batch::Begins {
                 pool: pool.clone(),

@@ -288,7 +288,7 @@ impl Reap for Inner {
         // The table's size, for the batch statements' plans (see `replan`): an error here
         // leaves them as they are, it does not fail the pass.
         let size: Result<i64, _> = sqlx::query_scalar("SELECT pg_relation_size($1::regclass)")
-            .bind(format!("\"{}\".\"{}\"", self.schema, self.table))
+            .bind(&self.statements.table)
             .fetch_one(&self.pool)
             .await;
         match size {

@@ -18,6 +18,8 @@ pub(super) const MAX_BEGIN_ATTEMPTS: usize = 8;
 /// The statements, with the table name filled in once at connect time. sqlx prepares each one
 /// once per connection and caches it, keyed by this text.
 pub(super) struct Statements {
+    /// The table, `"schema"."table"`, as every statement names it.
+    pub(super) table: String,
     pub(super) begin: SqlStr,
     pub(super) complete: SqlStr,
     pub(super) checkpoint: SqlStr,
@@ -36,6 +38,7 @@ impl Statements {
         // attempt and inherits its recovery point.
         let same_run = "r.response IS NULL AND r.fingerprint = excluded.fingerprint";
         Self {
+            table: t.clone(),
             begin: sql(format!(
                 "WITH existing AS ( \
                      SELECT fingerprint = $2 AS same_request, \
