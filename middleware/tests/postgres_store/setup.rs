@@ -228,3 +228,40 @@ async fn sslmode_require_needs_the_postgres_tls_feature() {
         assert!(error.to_string().contains("TLS"), "{error}");
     }
 }
+
+/// The store's own pool pings only connections that sat idle: one whose server process ended
+/// while it was idle is found broken and replaced before a statement is sent on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_that_broke_is_replaced_before_use() {
+    sweep_stale_schemas().await;
+    let schema = test_schema();
+    let application = test_fixtures::unique("idle");
+    let url = format!("{}?application_name={application}", database_url());
+    let store = connect(
+        PostgresStore::builder(url)
+            .schema(&schema)
+            .max_connections(2),
+    )
+    .await;
+    complete(&store, "before", LONG).await;
+    let mut admin = admin().await;
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind(&application)
+    .fetch_all(&mut admin)
+    .await
+    .expect("end the store's connections");
+    assert!(!ended.is_empty(), "the store's connections carry its name");
+    // Idle past the threshold: the next use pings first.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        matches!(
+            store.begin(&key("after"), &fingerprint(1), LONG).await,
+            Ok(Begin::Acquired { .. })
+        ),
+        "the broken idle connection was replaced, not used"
+    );
+    drop(store);
+    drop_schema(&schema).await;
+}
