@@ -25,7 +25,7 @@ async fn killed_at(step: &str, attempt: u32, resumed_from: &str) {
     );
 
     let restarted = world.start(None);
-    let (status, replayed, body) = retry_until_answered(&restarted.url).await;
+    let (status, replayed, body) = retry_until_answered(&restarted).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let booked: Booked = serde_json::from_str(&body).expect("a booking");
     assert_eq!(

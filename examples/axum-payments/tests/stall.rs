@@ -23,7 +23,7 @@ async fn stalled_at(step: &str, resumed_from: &str) {
     // No renewal runs in a frozen process: the lease lapses after lock_ttl.
     tokio::time::sleep(LOCK_TTL + Duration::from_millis(500)).await;
 
-    let (status, replayed, body) = retry_until_answered(&other.url).await;
+    let (status, replayed, body) = retry_until_answered(&other).await;
     assert_eq!((status, replayed), (StatusCode::CREATED, false), "{body}");
     let booked: Booked = serde_json::from_str(&body).expect("a booking");
     assert_eq!(

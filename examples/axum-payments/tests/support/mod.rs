@@ -2,15 +2,16 @@
 // Each test binary uses a part of these helpers.
 #![allow(dead_code)]
 
-use std::net::{Ipv4Addr, TcpStream};
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use axum_payments::rides::Booked;
 use reqwest::StatusCode;
 use sqlx::PgPool;
-use test_fixtures::{database_url, free_port, require_postgres, test_schema};
+use test_fixtures::{database_url, require_postgres, test_schema};
 
 /// `lock_ttl` of every app the tests start: short, so a killed holder's lease lapses quickly.
 pub(crate) const LOCK_TTL: Duration = Duration::from_secs(1);
@@ -33,34 +34,44 @@ impl World {
         }
     }
 
-    /// Starts the app; with `pause_at`, its handler stops at that step (see `src/pause.rs`).
+    /// Starts the app on a port of its own choosing (0: no other process can take it between
+    /// picking and binding); with `pause_at`, its handler stops at that step (see
+    /// `src/pause.rs`). Its log goes to a file that failures print.
     pub(crate) fn start(&self, pause_at: Option<&str>) -> AppProcess {
-        let port = free_port();
+        let log = tempfile::NamedTempFile::new_in(self.barrier.path()).expect("log file");
         let mut command = Command::new(env!("CARGO_BIN_EXE_axum-payments"));
         command
             .env("DATABASE_URL", database_url())
             .env("PAYMENTS_SCHEMA", &self.schema)
-            .env("PORT", port.to_string())
+            .env("PORT", "0")
             .env("LOCK_TTL_MS", LOCK_TTL.as_millis().to_string())
             .env("PAYMENTS_PAUSE_DIR", self.barrier.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .env("RUST_LOG", "info,tower_idempotency=debug")
+            .stdout(Stdio::piped())
+            .stderr(log.reopen().expect("log file"));
         if let Some(step) = pause_at {
             command.env("PAYMENTS_PAUSE_AT", step);
         }
-        let child = command.spawn().expect("start the example app");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the app did not open port {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        AppProcess {
+        let mut child = command.spawn().expect("start the example app");
+        let stdout = child.stdout.take().expect("stdout");
+        let (address, listening) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("listening on ") {
+                    let _ = address.send(url.to_owned());
+                }
+            }
+        });
+        let mut app = AppProcess {
             child,
-            url: format!("http://127.0.0.1:{port}/rides"),
+            url: String::new(),
+            log,
+        };
+        match listening.recv_timeout(Duration::from_secs(30)) {
+            Ok(base) => app.url = format!("{base}/rides"),
+            Err(_) => panic!("the app did not start listening:\n{}", app.log()),
         }
+        app
     }
 
     /// Waits until a handler reached `step` and stopped there.
@@ -140,9 +151,19 @@ impl World {
 pub(crate) struct AppProcess {
     child: Child,
     pub(crate) url: String,
+    log: tempfile::NamedTempFile,
 }
 
 impl AppProcess {
+    /// What the process logged so far.
+    pub(crate) fn log(&self) -> String {
+        let log = std::fs::read_to_string(self.log.path()).unwrap_or_default();
+        format!(
+            "--- log of the app at {} ---\n{log}--- end of log ---",
+            self.url
+        )
+    }
+
     /// `kill -9`.
     pub(crate) fn kill(&mut self) {
         let _ = self.child.kill();
@@ -181,17 +202,24 @@ pub(crate) async fn book(url: &str) -> reqwest::Result<reqwest::Response> {
 
 /// Retries as a client would until the answer is not `409` (the key in flight): the crashed or
 /// stalled holder's lease lapses after `lock_ttl`.
-pub(crate) async fn retry_until_answered(url: &str) -> (StatusCode, bool, String) {
+pub(crate) async fn retry_until_answered(app: &AppProcess) -> (StatusCode, bool, String) {
     let deadline = Instant::now() + LOCK_TTL * 15;
     loop {
-        let response = book(url).await.expect("the retry reaches the app");
+        let response = match book(&app.url).await {
+            Ok(response) => response,
+            Err(error) => panic!("the retry did not reach the app: {error:?}\n{}", app.log()),
+        };
         let status = response.status();
         let replayed = response.headers().get("idempotent-replayed").is_some();
         let body = response.text().await.expect("body");
         if status != StatusCode::CONFLICT {
             return (status, replayed, body);
         }
-        assert!(Instant::now() < deadline, "still in flight: {body}");
+        assert!(
+            Instant::now() < deadline,
+            "still in flight: {body}\n{}",
+            app.log()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
