@@ -131,9 +131,18 @@ impl ForgetSender {
     }
 
     /// Tells every feed that forgets may have been missed.
-    #[cfg_attr(not(any(feature = "postgres", feature = "redis")), allow(dead_code))]
+    #[cfg_attr(
+        not(any(feature = "postgres", feature = "redis", feature = "sqlite")),
+        allow(dead_code)
+    )]
     pub(crate) fn unknown(&self) {
         let _ = self.0.send(ForgetEvent::Unknown);
+    }
+
+    /// Whether any feed listens (a replay cache): otherwise there is no one to tell.
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+    pub(crate) fn is_heard(&self) -> bool {
+        self.0.receiver_count() > 0
     }
 
     /// A new feed, receiving what is sent from now on.

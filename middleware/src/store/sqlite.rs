@@ -158,6 +158,20 @@ const REAP: &str = concat!(
 /// A row is *live* while `expires_at` is in the future; every statement treats a row that is not
 /// live as absent, whether or not the reaper has deleted it yet.
 ///
+/// `idempotency_forgets` logs every delete of a live completed record (a forget), written by a
+/// trigger in the deleting transaction: `seq` (`AUTOINCREMENT`), `key`, `forgotten_at`.
+///
+/// # Forgets in other processes
+///
+/// The file serves one process, but `idempotency-proxy records forget` (or any other program
+/// using the store) may forget a record from another. While a [`ForgetFeed`] of the store
+/// listens (a replay cache), the store reads the forget log every 100 ms and reports the forgets
+/// logged since its last read, so another process's forget reaches this process's cache within
+/// that time. The reaper deletes log rows older than ten minutes; a store that finds a hole in
+/// `seq` (it did not read for that long) reports [`ForgetEvent::Unknown`].
+///
+/// [`ForgetEvent::Unknown`]: crate::store::ForgetEvent::Unknown
+///
 /// # Time
 ///
 /// Deadlines are computed in SQL from SQLite's clock (`unixepoch('subsec')`, millisecond
@@ -189,7 +203,8 @@ const REAP: &str = concat!(
 /// # Reaper
 ///
 /// A background task (every 60 s by default) deletes expired rows, at most a batch per statement
-/// (so per write transaction), until a batch comes back short; see [`SqliteStore::reap_expired`].
+/// (so per write transaction), until a batch comes back short, and the forget log's rows older
+/// than ten minutes; see [`SqliteStore::reap_expired`].
 ///
 /// # Durability
 ///
@@ -314,6 +329,9 @@ impl SqliteStoreBuilder {
             forgets: ForgetSender::default(),
         });
         sql::spawn_reaper(Arc::downgrade(&inner), self.reaper_interval, "sqlite");
+        // Where the forget log stands now: a forget logged later reaches this store's feeds.
+        let last_forget = records::last_logged_forget(&inner.pool).await.ok();
+        records::spawn_forget_log_reader(Arc::downgrade(&inner), last_forget);
         Ok(SqliteStore { inner })
     }
 }
@@ -435,6 +453,11 @@ impl fmt::Debug for SqliteStore {
 
 impl Reap for Inner {
     async fn reap_expired(&self) -> Result<u64, StoreError> {
+        sqlx::query(records::PRUNE_FORGET_LOG)
+            .bind(records::FORGET_LOG_RETENTION_MS)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::backend)?;
         sql::reap_in_batches("sqlite", self.reaper_batch, || async {
             let deleted = sqlx::query(REAP)
                 .bind(i64::from(self.reaper_batch))

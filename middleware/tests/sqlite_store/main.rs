@@ -14,6 +14,7 @@ use tower_idempotency::{
 };
 
 mod files;
+mod forget_log;
 mod group_commit;
 mod reaper;
 

@@ -1,11 +1,13 @@
 //! Inspecting and forgetting keys: `idempotency-proxy records` and the admin listener's
-//! `/records/{key}`, against a running proxy and the Redis store they share.
+//! `/records/{key}`, against a running proxy and the store they share (Redis; SQLite for the
+//! forget that must reach the proxy's replay cache from another process).
 
 use std::process::Command;
+use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::Value;
-use test_fixtures::{redis_url, require_redis, unique};
+use test_fixtures::{eventually, redis_url, require_redis, unique};
 
 use crate::support::{PROXY_BIN, Proxy, Upstream, config};
 
@@ -109,6 +111,54 @@ async fn records_cli_shows_and_forgets_a_key_by_the_callers_credentials() {
     let (code, _, stderr) = records_cli(&proxy, &["show", "--key", "a b"]);
     assert_eq!(code, 2, "an invalid key is the caller's error: {stderr}");
     assert!(stderr.contains("invalid idempotency key"), "{stderr}");
+}
+
+/// The embedded SQLite store has no notification channel between processes: the CLI's forget
+/// reaches the running proxy's replay cache through the store's forget log, which the proxy
+/// reads every 100 ms. Before it did, the proxy went on replaying the forgotten record from its
+/// cache until the record's `ttl`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cli_forget_reaches_the_replay_cache_of_a_proxy_on_sqlite() {
+    let records = tempfile::tempdir().expect("temp dir");
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(&config(
+        &upstream.url,
+        &format!(
+            "[store]\nbackend = \"sqlite\"\nurl = \"sqlite://{}\"\n\
+             replay_cache_entries = 100\nreplay_cache_bytes = \"1MiB\"\n",
+            records.path().join("idempotency.db").display()
+        ),
+    ));
+    proxy.send(alice(&proxy, "cached-1")).await;
+    let cached = proxy.send(alice(&proxy, "cached-1")).await;
+    assert!(cached.replayed(), "{cached:?}");
+
+    let who = [
+        "--header",
+        "Authorization: Bearer alice",
+        "--path",
+        "/payments",
+    ];
+    let (code, forgot, stderr) = records_cli(
+        &proxy,
+        &[&["forget", "--key", "cached-1"][..], &who[..]].concat(),
+    );
+    assert_eq!(
+        (code, &forgot["found"]),
+        (0, &Value::from("completed")),
+        "{stderr}"
+    );
+    eventually(
+        Duration::from_secs(2),
+        "the proxy to hear of the forget",
+        async || !proxy.send(alice(&proxy, "cached-1")).await.replayed(),
+    )
+    .await;
+    assert_eq!(
+        upstream.runs_of("cached-1"),
+        2,
+        "the forgotten key ran once more, then replays"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
