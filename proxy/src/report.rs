@@ -3,7 +3,7 @@
 use std::fmt::Write;
 
 use tower_idempotency::fingerprint::BodyFingerprint;
-use tower_idempotency::{Anonymous, Mode, OnConflict, OnStoreError, Policy};
+use tower_idempotency::{Anonymous, Mode, OnConflict, OnStoreError, Policy, ReplayCacheLimits};
 
 use crate::config::{Config, ConfigError, ReaperConfig, StoreBackend, StoreConfig};
 
@@ -71,12 +71,14 @@ fn describe_store(out: &mut String, store: &StoreConfig) {
     let duration = |d| humantime::format_duration(d).to_string();
     settings.push(format!("timeout {}", duration(store.timeout)));
     settings.push(format!("poll_interval {}", duration(store.poll_interval)));
-    settings.push(match store.replay_cache_entries {
-        0 => "replay cache off".to_owned(),
-        entries => format!(
-            "replay cache {entries} records, {}",
-            store.replay_cache_bytes
-        ),
+    let cache = store.replay_cache_limits();
+    settings.push(if cache == ReplayCacheLimits::OFF {
+        "replay cache off".to_owned()
+    } else {
+        format!(
+            "replay cache {} records, {}",
+            cache.max_entries, store.replay_cache_bytes
+        )
     });
     let _ = writeln!(
         out,
@@ -380,7 +382,7 @@ mod tests {
                 "backend = \"redis-cluster\"\nurls = [\"redis://a\", \"redis://b\"]\nprefix = \"p\""
             ),
             "store     redis-cluster (redis://a, redis://b)\n          prefix p, timeout 5s, \
-             poll_interval 1s, replay cache off"
+             poll_interval 1s, replay cache 10000 records, 16.0 MiB"
         );
         assert!(
             describe_store("").starts_with("store     memory (in process)\n"),

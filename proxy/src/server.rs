@@ -80,12 +80,9 @@ async fn serve(
         .routes(routes)
         .store_timeout(config.store.timeout)
         .poll_interval(config.store.poll_interval)
-        .replay_cache(ReplayCacheLimits {
-            max_entries: config.store.replay_cache_entries,
-            max_bytes: usize::try_from(config.store.replay_cache_bytes.as_u64())
-                .unwrap_or(usize::MAX),
-        });
-    if config.store.replay_cache_entries > 0 && !layer.replay_cache_enabled() {
+        .replay_cache(config.store.replay_cache_limits());
+    if config.store.replay_cache_limits() != ReplayCacheLimits::OFF && !layer.replay_cache_enabled()
+    {
         tracing::warn!(
             store = config.store.backend.kind().as_str(),
             "this store cannot report forgotten records to every process; the replay cache \

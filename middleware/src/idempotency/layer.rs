@@ -143,6 +143,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
 
     /// A layer over a store that is already shared, for example with a readiness probe.
     pub fn from_shared_store(store: Arc<St>) -> Self {
+        let replay_cache = ReplayCache::new(&*store, ReplayCacheLimits::DEFAULT).map(Arc::new);
         Self {
             shared: Arc::new(Shared {
                 store,
@@ -153,7 +154,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
                 on_outcome: None,
                 store_timeout: Duration::from_secs(5),
                 poll_interval: Duration::from_secs(1),
-                replay_cache: None,
+                replay_cache,
             }),
         }
     }
@@ -311,13 +312,15 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     }
 
     /// Answers replays from an in-process cache of completed records, bounded by `limits`, instead
-    /// of a store call. Off by default, and stays off for a store whose
+    /// of a store call. On by default with [`ReplayCacheLimits::DEFAULT`];
+    /// [`ReplayCacheLimits::OFF`] turns it off. It stays off for a store whose
     /// [`forget_feed`](IdempotencyStore::forget_feed) is `None`: a cached record must be dropped
-    /// when any process sharing the store forgets it. Only records this process completed are
-    /// cached, each until the record's `ttl` counted from before the store call that completed
-    /// it, so a cached copy never outlives its record; a retry with another request under the
+    /// when any process sharing the store forgets it. Records this process completed, and replays
+    /// it read from the store, are cached until the record's own expiry (taken before the store
+    /// call that reported it), so a cached copy never outlives its record; a retry with another request under the
     /// same key gets `422` as from the store. A forget made by another process reaches this cache
-    /// as fast as the store's notification (PostgreSQL `NOTIFY`, Redis pub/sub) arrives.
+    /// as fast as the store's notification arrives (PostgreSQL `NOTIFY`, Redis pub/sub, SQLite's
+    /// forget log read every 100 ms): until then, this process may still replay it.
     #[must_use]
     pub fn replay_cache(mut self, limits: ReplayCacheLimits) -> Self {
         let cache = ReplayCache::new(&*self.shared.store, limits).map(Arc::new);

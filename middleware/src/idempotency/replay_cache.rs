@@ -25,7 +25,8 @@ use crate::record::StoredResponse;
 use crate::scope::RecordKey;
 use crate::store::{ForgetEvent, ForgetFeed, IdempotencyStore};
 
-/// Bounds of the in-process replay cache ([`IdempotencyLayer::replay_cache`]).
+/// Bounds of the in-process replay cache ([`IdempotencyLayer::replay_cache`]); the
+/// [`Default`] is [`ReplayCacheLimits::DEFAULT`].
 ///
 /// [`IdempotencyLayer::replay_cache`]: super::IdempotencyLayer::replay_cache
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +35,27 @@ pub struct ReplayCacheLimits {
     pub max_entries: usize,
     /// Most bytes kept (bodies, headers, bookkeeping); 0 turns the cache off.
     pub max_bytes: usize,
+}
+
+impl ReplayCacheLimits {
+    /// What a layer starts with: the 10,000 most recently completed records, 16 MiB at most.
+    /// Enough for the retries that follow a lost response; small beside a process's other
+    /// buffers.
+    pub const DEFAULT: Self = Self {
+        max_entries: 10_000,
+        max_bytes: 16 << 20,
+    };
+    /// No cache: every replay asks the store.
+    pub const OFF: Self = Self {
+        max_entries: 0,
+        max_bytes: 0,
+    };
+}
+
+impl Default for ReplayCacheLimits {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
 }
 
 /// Bookkeeping counted per entry on top of its headers and body.

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use bytesize::ByteSize;
 use serde::Deserialize;
+use tower_idempotency::ReplayCacheLimits;
 
 use super::errors::{KeyPath, KeySegment, Problem, problem};
 use super::{STORE_URL_ENV, expand};
@@ -57,11 +58,10 @@ pub struct StoreConfig {
     /// store without a notification; this is what finds a lease whose holder died.
     pub poll_interval: Duration,
     /// Most bytes (bodies, headers, bookkeeping) of completed records this process keeps to
-    /// answer replays without a store call. `0`, the default, turns the replay cache off; set it
-    /// together with `replay_cache_entries`. Only stores that report forgets to every process
-    /// can use it: for the others the cache stays off (with a warning at start).
+    /// answer replays without a store call (default `"16MiB"`); `0` turns the replay cache off.
+    /// Only stores that report forgets to every process can use it (all built-in ones do).
     pub replay_cache_bytes: ByteSize,
-    /// Most completed records kept in the replay cache; `0`, the default, turns it off.
+    /// Most completed records kept in the replay cache (default 10000); `0` turns it off.
     pub replay_cache_entries: usize,
 }
 
@@ -71,8 +71,8 @@ impl Default for StoreConfig {
             backend: StoreBackend::Memory,
             timeout: defaults::timeout(),
             poll_interval: defaults::poll_interval(),
-            replay_cache_bytes: ByteSize::b(0),
-            replay_cache_entries: 0,
+            replay_cache_bytes: defaults::replay_cache_bytes(),
+            replay_cache_entries: defaults::replay_cache_entries(),
         }
     }
 }
@@ -190,10 +190,8 @@ pub(super) struct StoreTable {
     prefix: Option<String>,
     #[serde(default)]
     auto_migrate: Option<bool>,
-    #[serde(default)]
-    replay_cache_bytes: ByteSize,
-    #[serde(default)]
-    replay_cache_entries: usize,
+    replay_cache_bytes: Option<ByteSize>,
+    replay_cache_entries: Option<usize>,
     /// `url` came from `IDEMPOTENCY_STORE_URL`, not the file.
     #[serde(skip)]
     url_from_env: bool,
@@ -316,8 +314,12 @@ impl StoreTable {
             backend,
             timeout: self.timeout.unwrap_or_else(defaults::timeout),
             poll_interval: self.poll_interval.unwrap_or_else(defaults::poll_interval),
-            replay_cache_bytes: self.replay_cache_bytes,
-            replay_cache_entries: self.replay_cache_entries,
+            replay_cache_bytes: self
+                .replay_cache_bytes
+                .unwrap_or_else(defaults::replay_cache_bytes),
+            replay_cache_entries: self
+                .replay_cache_entries
+                .unwrap_or_else(defaults::replay_cache_entries),
         })
     }
 }
@@ -334,13 +336,38 @@ fn backend_names(backends: &[Backend]) -> String {
     }
 }
 
+impl StoreConfig {
+    /// The replay cache's bounds: [`ReplayCacheLimits::OFF`] when either key is `0`.
+    pub fn replay_cache_limits(&self) -> ReplayCacheLimits {
+        let max_bytes = usize::try_from(self.replay_cache_bytes.as_u64()).unwrap_or(usize::MAX);
+        if max_bytes == 0 || self.replay_cache_entries == 0 {
+            return ReplayCacheLimits::OFF;
+        }
+        ReplayCacheLimits {
+            max_entries: self.replay_cache_entries,
+            max_bytes,
+        }
+    }
+}
+
 mod defaults {
     use std::time::Duration;
+
+    use bytesize::ByteSize;
+    use tower_idempotency::ReplayCacheLimits;
 
     pub(super) fn timeout() -> Duration {
         Duration::from_secs(5)
     }
     pub(super) fn poll_interval() -> Duration {
         Duration::from_secs(1)
+    }
+
+    pub(super) fn replay_cache_bytes() -> ByteSize {
+        ByteSize::b(u64::try_from(ReplayCacheLimits::DEFAULT.max_bytes).unwrap_or(u64::MAX))
+    }
+
+    pub(super) fn replay_cache_entries() -> usize {
+        ReplayCacheLimits::DEFAULT.max_entries
     }
 }

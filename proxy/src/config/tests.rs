@@ -5,7 +5,7 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use http::{Method, StatusCode};
 use tower_idempotency::fingerprint::BodyFingerprint;
-use tower_idempotency::{Anonymous, Mode, Policy};
+use tower_idempotency::{Anonymous, Mode, Policy, ReplayCacheLimits};
 
 use super::*;
 
@@ -45,25 +45,27 @@ fn a_minimal_file_uses_the_defaults() {
 }
 
 #[test]
-fn the_replay_cache_needs_both_bounds() {
-    let config = parse(&format!(
-        "{MINIMAL}\n[store]\nreplay_cache_bytes = \"64MiB\"\nreplay_cache_entries = 1000\n"
-    ))
-    .expect("both bounds");
-    assert_eq!(config.store.replay_cache_bytes, ByteSize::mib(64));
-    assert_eq!(config.store.replay_cache_entries, 1000);
+fn the_replay_cache_is_on_by_default_and_either_bound_at_zero_turns_it_off() {
+    let limits = |store: &str| {
+        parse(&format!("{MINIMAL}\n[store]\n{store}\n"))
+            .expect("valid")
+            .store
+            .replay_cache_limits()
+    };
+    assert_eq!(limits(""), ReplayCacheLimits::DEFAULT);
     assert_eq!(
-        parse(MINIMAL).expect("minimal").store.replay_cache_entries,
-        0
+        limits("replay_cache_bytes = \"64MiB\"\nreplay_cache_entries = 1000"),
+        ReplayCacheLimits {
+            max_entries: 1000,
+            max_bytes: 64 << 20
+        }
     );
-    let (key, _, message) = error(&format!(
-        "{MINIMAL}\n[store]\nreplay_cache_entries = 1000\n"
-    ));
     assert_eq!(
-        key.as_deref(),
-        Some("store.replay_cache_bytes"),
-        "{message}"
+        limits("replay_cache_entries = 1000").max_bytes,
+        ReplayCacheLimits::DEFAULT.max_bytes
     );
+    assert_eq!(limits("replay_cache_entries = 0"), ReplayCacheLimits::OFF);
+    assert_eq!(limits("replay_cache_bytes = 0"), ReplayCacheLimits::OFF);
 }
 
 #[test]

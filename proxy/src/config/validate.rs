@@ -56,25 +56,6 @@ impl Config {
         if store.poll_interval.is_zero() {
             return Err(problem(store_key("poll_interval"), "must be positive"));
         }
-        match (
-            store.replay_cache_bytes.as_u64(),
-            store.replay_cache_entries,
-        ) {
-            (0, 0) => {}
-            (0, _) => {
-                return Err(problem(
-                    store_key("replay_cache_bytes"),
-                    "must be positive when replay_cache_entries is set (both 0: no replay cache)",
-                ));
-            }
-            (_, 0) => {
-                return Err(problem(
-                    store_key("replay_cache_entries"),
-                    "must be positive when replay_cache_bytes is set (both 0: no replay cache)",
-                ));
-            }
-            _ => {}
-        }
         match &store.backend {
             StoreBackend::Memory => {}
             StoreBackend::Sqlite(sqlite) => {
