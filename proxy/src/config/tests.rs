@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use bytesize::ByteSize;
 use http::{Method, StatusCode};
 use tower_idempotency::fingerprint::BodyFingerprint;
 use tower_idempotency::{Anonymous, Mode, Policy, ReplayCacheLimits};
