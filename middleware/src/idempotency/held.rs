@@ -290,7 +290,6 @@ impl<St: IdempotencyStore> Lease<St> {
         for attempt in 1..=COMPLETE_ATTEMPTS {
             // Before the call: the record's ttl runs from some moment after this one.
             let started = Instant::now();
-            let mark = self.shared.replay_cache.as_ref().map(|cache| cache.mark());
             let store = self.shared.store();
             let result = self
                 .shared
@@ -302,9 +301,6 @@ impl<St: IdempotencyStore> Lease<St> {
                 .await;
             match result {
                 Ok(()) => {
-                    if let (Some(cache), Some(mark)) = (&self.shared.replay_cache, mark) {
-                        cache.fill(mark, self.key, self.fingerprint, &stored, self.policy.ttl);
-                    }
                     self.settle();
                     return Some(
                         (started + self.policy.ttl).saturating_duration_since(Instant::now()),

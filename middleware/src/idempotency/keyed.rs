@@ -188,27 +188,32 @@ impl<St: IdempotencyStore> Keyed<St> {
         )
     }
 
+    /// The answer to a request whose record the replay cache holds.
+    fn answer_cached<B>(&self, cached: Cached, observing: bool) -> Begun<B> {
+        match (cached, observing) {
+            (Cached::Replay { .. }, true) => Begun::Observed(Outcome::ObservedWouldReplay),
+            (Cached::Mismatch, true) => Begun::Observed(Outcome::ObservedWouldMismatch),
+            (
+                Cached::Replay {
+                    response,
+                    expires_in,
+                },
+                false,
+            ) => Begun::Answered(self.replay(response, expires_in)),
+            (Cached::Mismatch, false) => Begun::Answered(self.mismatch()),
+        }
+    }
+
     /// Takes the lease, or answers from the record: replay, `422`, `409`, or after waiting.
     async fn begin<B>(&self, fingerprint: &Fingerprint) -> Result<Begun<B>, StoreError> {
         let observing = self.policy.mode == Mode::Observe;
-        if let Some(cached) = self
-            .shared
-            .replay_cache
-            .as_ref()
-            .and_then(|cache| cache.get(&self.record_key, fingerprint))
-        {
-            return Ok(match (cached, observing) {
-                (Cached::Replay { .. }, true) => Begun::Observed(Outcome::ObservedWouldReplay),
-                (Cached::Mismatch, true) => Begun::Observed(Outcome::ObservedWouldMismatch),
-                (
-                    Cached::Replay {
-                        response,
-                        expires_in,
-                    },
-                    false,
-                ) => Begun::Answered(self.replay(response, expires_in)),
-                (Cached::Mismatch, false) => Begun::Answered(self.mismatch()),
-            });
+        // A miss hands back the mark for the first `begin` call below.
+        let mut next_mark = None;
+        if let Some(cache) = self.shared.replay_cache.as_deref() {
+            match cache.get(&self.record_key, fingerprint) {
+                Ok(cached) => return Ok(self.answer_cached(cached, observing)),
+                Err(mark) => next_mark = Some(mark),
+            }
         }
         // Observe mode never waits: the duplicate runs at once, as without the layer.
         let subscription = (self.policy.on_conflict == OnConflict::Wait && !observing)
@@ -218,7 +223,9 @@ impl<St: IdempotencyStore> Keyed<St> {
             // Armed before looking, so a completion between the look and the wait is not missed.
             let completed = subscription.as_ref().map(|s| s.notified());
             // Before the call: a replay it reads is cached no longer than the store keeps it.
-            let mark = self.shared.replay_cache.as_ref().map(|cache| cache.mark());
+            let mark = next_mark
+                .take()
+                .or_else(|| self.shared.replay_cache.as_ref().map(|cache| cache.mark()));
             let asked = Instant::now();
             let call = self.begin_call(*fingerprint);
             let begun = self.shared.timed(m::Operation::Begin, call).await?;

@@ -315,9 +315,10 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// of a store call. On by default with [`ReplayCacheLimits::DEFAULT`];
     /// [`ReplayCacheLimits::OFF`] turns it off. It stays off for a store whose
     /// [`forget_feed`](IdempotencyStore::forget_feed) is `None`: a cached record must be dropped
-    /// when any process sharing the store forgets it. Records this process completed, and replays
-    /// it read from the store, are cached until the record's own expiry (taken before the store
-    /// call that reported it), so a cached copy never outlives its record; a retry with another request under the
+    /// when any process sharing the store forgets it. A record is cached when a replay of it is
+    /// read from the store (a new key costs one look-up that misses), until the record's own
+    /// expiry (counted from before the store call that reported it), so a cached copy never
+    /// outlives its record; a retry with another request under the
     /// same key gets `422` as from the store. A forget made by another process reaches this cache
     /// as fast as the store's notification arrives (PostgreSQL `NOTIFY`, Redis pub/sub, SQLite's
     /// forget log read every 100 ms): until then, this process may still replay it.

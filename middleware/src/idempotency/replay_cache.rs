@@ -1,13 +1,18 @@
 //! Completed records kept in process, so that a replay needs no store round trip.
 //!
 //! A completed record never changes until it expires or is forgotten on purpose, so a copy can
-//! answer replays as well as the store would, provided that the copy
+//! answer replays as well as the store would. A record is cached when a replay of it is read
+//! from the store: the keys that are replayed once are the ones replayed again (a client's retry
+//! loop, a fleet's retries), and a new key pays one look-up that misses, nothing more (caching
+//! every completed record cost the memory store's new keys a tenth of their throughput, for
+//! replays most records never get). The copy
 //!
-//! * never outlives the record: each entry expires at an instant taken *before* the `complete`
-//!   call that stored the record, plus the record's `ttl`, so it dies no later than the record;
+//! * never outlives the record: each entry expires at an instant taken *before* the `begin`
+//!   call that read it, plus the time the store said the record had left, so it dies no later
+//!   than the record;
 //! * is dropped when any process forgets the record: the store's [`ForgetFeed`] is drained
-//!   before every look-up, [`ForgetEvent::Unknown`] or a lagged feed clears everything, and an
-//!   entry whose `complete` overlapped a forget event is not cached at all;
+//!   before every look-up, [`ForgetEvent::Unknown`] or a lagged feed clears everything, and a
+//!   record read while a forget event arrived is not cached at all;
 //! * exists only for stores that have a feed: without one ([`IdempotencyStore::forget_feed`]
 //!   returns `None`) the cache stays off.
 //!
@@ -15,6 +20,7 @@
 //! entries go first.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasherDefault;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -22,7 +28,7 @@ use tokio::sync::broadcast::error::TryRecvError;
 
 use crate::fingerprint::Fingerprint;
 use crate::record::StoredResponse;
-use crate::scope::RecordKey;
+use crate::scope::{DigestHasher, RecordKey};
 use crate::store::{ForgetEvent, ForgetFeed, IdempotencyStore};
 
 /// Bounds of the in-process replay cache ([`IdempotencyLayer::replay_cache`]); the
@@ -90,7 +96,7 @@ struct State {
     feed: Option<ForgetFeed>,
     /// Forget events received so far (any key).
     forgets_seen: u64,
-    entries: HashMap<RecordKey, Entry>,
+    entries: HashMap<RecordKey, Entry, BuildHasherDefault<DigestHasher>>,
     /// Keys in the order they were filled, with the fill's sequence number (stale pairs, whose
     /// entry was replaced or dropped, are skipped).
     order: VecDeque<(RecordKey, u64)>,
@@ -119,7 +125,7 @@ impl ReplayCache {
             state: Mutex::new(State {
                 feed: Some(feed),
                 forgets_seen: 0,
-                entries: HashMap::new(),
+                entries: HashMap::default(),
                 order: VecDeque::new(),
                 next_seq: 0,
                 bytes: 0,
@@ -127,17 +133,24 @@ impl ReplayCache {
         })
     }
 
-    /// The completed record of `key`, if cached and unexpired.
-    pub(crate) fn get(&self, key: &RecordKey, fingerprint: &Fingerprint) -> Option<Cached> {
+    /// The completed record of `key`, if cached and unexpired; otherwise the [`Mark`] to
+    /// [`fill`](Self::fill) with what the `begin` call made next reads (one lock for both).
+    pub(crate) fn get(&self, key: &RecordKey, fingerprint: &Fingerprint) -> Result<Cached, Mark> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         state.apply_forgets();
-        let entry = state.entries.get(key)?;
         let now = Instant::now();
+        let mark = Mark {
+            forgets_seen: state.forgets_seen,
+            taken: now,
+        };
+        let Some(entry) = state.entries.get(key) else {
+            return Err(mark);
+        };
         if now >= entry.expires {
             state.remove(key);
-            return None;
+            return Err(mark);
         }
-        Some(if entry.fingerprint == *fingerprint {
+        Ok(if entry.fingerprint == *fingerprint {
             Cached::Replay {
                 response: entry.response.clone(),
                 expires_in: entry.expires - now,
@@ -147,8 +160,7 @@ impl ReplayCache {
         })
     }
 
-    /// To be taken just before the `complete` or `begin` call whose record [`fill`](Self::fill)
-    /// caches.
+    /// To be taken just before the `begin` call whose record [`fill`](Self::fill) caches.
     pub(crate) fn mark(&self) -> Mark {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         state.apply_forgets();
@@ -159,11 +171,9 @@ impl ReplayCache {
     }
 
     /// Caches a completed record for `lifetime` from `mark`, unless a forget arrived since `mark`
-    /// (it may concern this record: skipping is always safe). `lifetime` is either the `ttl` of a
-    /// `complete` call started after `mark`, or the time the store said a record has left in a
-    /// `begin` call started after `mark`: both are measured after `mark` was taken, so the entry
-    /// never outlives the record. The second caches a record another process completed on its
-    /// first replay here.
+    /// (it may concern this record: skipping is always safe). `lifetime` is the time the store
+    /// said the record has left, in a `begin` call started after `mark`: measured after `mark`
+    /// was taken, so the entry never outlives the record.
     pub(crate) fn fill(
         &self,
         mark: Mark,
@@ -317,7 +327,7 @@ mod tests {
             state: Mutex::new(State {
                 feed: Some(feed),
                 forgets_seen: 0,
-                entries: HashMap::new(),
+                entries: HashMap::default(),
                 order: VecDeque::new(),
                 next_seq: 0,
                 bytes: 0,
@@ -341,10 +351,10 @@ mod tests {
         );
         cache.fill(cache.mark(), key(1), same, &response("ok"), HOUR);
         assert!(
-            matches!(cache.get(&key(1), &same), Some(Cached::Replay { response, .. }) if response.body == "ok")
+            matches!(cache.get(&key(1), &same), Ok(Cached::Replay { response, .. }) if response.body == "ok")
         );
-        assert!(matches!(cache.get(&key(1), &other), Some(Cached::Mismatch)));
-        assert!(cache.get(&key(2), &same).is_none());
+        assert!(matches!(cache.get(&key(1), &other), Ok(Cached::Mismatch)));
+        assert!(cache.get(&key(2), &same).is_err());
     }
 
     #[test]
@@ -358,7 +368,7 @@ mod tests {
             &response("ok"),
             Duration::ZERO,
         );
-        assert!(cache.get(&key(1), &fingerprint).is_none());
+        assert!(cache.get(&key(1), &fingerprint).is_err());
         assert_eq!(cache.len(), 0, "dropped when found expired");
     }
 
@@ -380,7 +390,7 @@ mod tests {
         for n in 0..10 {
             feed.send(ForgetEvent::Key(key(100 + n))).expect("send");
         }
-        assert!(cache.get(&key(1), &fingerprint).is_none());
+        assert!(cache.get(&key(1), &fingerprint).is_err());
     }
 
     #[test]
@@ -389,7 +399,7 @@ mod tests {
         let fingerprint = Fingerprint::from_bytes([1; 32]);
         drop(feed);
         cache.fill(cache.mark(), key(1), fingerprint, &response("ok"), HOUR);
-        assert!(cache.get(&key(1), &fingerprint).is_none());
+        assert!(cache.get(&key(1), &fingerprint).is_err());
     }
 
     #[test]
@@ -402,15 +412,12 @@ mod tests {
         for n in 1..=3 {
             cache.fill(cache.mark(), key(n), fingerprint, &response("ok"), HOUR);
         }
-        assert!(
-            cache.get(&key(1), &fingerprint).is_none(),
-            "the oldest goes"
-        );
-        assert!(cache.get(&key(3), &fingerprint).is_some());
+        assert!(cache.get(&key(1), &fingerprint).is_err(), "the oldest goes");
+        assert!(cache.get(&key(3), &fingerprint).is_ok());
         let big = StoredResponse::new(StatusCode::OK, HeaderMap::new(), vec![b'x'; 500].into());
         cache.fill(cache.mark(), key(4), fingerprint, &big, HOUR);
         assert!(
-            cache.get(&key(4), &fingerprint).is_none(),
+            cache.get(&key(4), &fingerprint).is_err(),
             "too large to cache"
         );
         cache.fill(cache.mark(), key(5), fingerprint, &response("ok"), HOUR);

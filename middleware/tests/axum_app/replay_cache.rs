@@ -126,10 +126,18 @@ async fn the_replay_cache_answers_replays_and_never_replays_a_forgotten_record()
     let retry = app.send(app.post("/payments", "c1").body("10 EUR")).await;
     assert!(retry.replayed(), "{retry:?}");
     assert_eq!(retry.body, first.body);
+    assert_eq!(
+        store.begins(),
+        2,
+        "a record is cached when a replay reads it"
+    );
+    let again = app.send(app.post("/payments", "c1").body("10 EUR")).await;
+    assert!(again.replayed(), "{again:?}");
+    assert_eq!(again.body, first.body);
     let reused = app.send(app.post("/payments", "c1").body("99 EUR")).await;
     assert_eq!(reused.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(reused.problem_type(), "key-reused");
-    assert_eq!(store.begins(), 1, "both answered from the cache");
+    assert_eq!(store.begins(), 2, "both answered from the cache");
 
     store.forget_everything();
     let after = app.send(app.post("/payments", "c1").body("10 EUR")).await;
@@ -150,9 +158,10 @@ async fn the_replay_cache_never_replays_an_expired_record() {
     let app = App::start(layer).await;
 
     app.send(app.post("/payments", "e1").body("x")).await;
+    app.send(app.post("/payments", "e1").body("x")).await;
     let fresh = app.send(app.post("/payments", "e1").body("x")).await;
     assert!(fresh.replayed());
-    assert_eq!(store.begins(), 1, "answered from the cache");
+    assert_eq!(store.begins(), 2, "answered from the cache");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let expired = app.send(app.post("/payments", "e1").body("x")).await;
     assert!(
