@@ -82,7 +82,9 @@
 //! 3. **Body.** The body is buffered up to `max_request_body` (else `413`; nothing is stored or
 //!    run) within `body_read_timeout` (else `408`) and handed on without another copy.
 //! 4. **Fingerprint.** sha256 of method, path and query, configured headers and body.
-//! 5. **Begin.** One store call: a new lease, or a replay of the completed response (with
+//! 5. **Begin.** The replay cache answers a repeated replay in process (on by default; see
+//!    [`IdempotencyLayer::replay_cache`]); otherwise one store call: a new lease, or a replay of
+//!    the completed response (with
 //!    `Idempotent-Replayed: true`), or `422` if the key was used for a different request, or, if
 //!    the key is in flight, `409` with `Retry-After` ([`OnConflict::Reject`]) or a wait for its
 //!    completion notification ([`OnConflict::Wait`]).

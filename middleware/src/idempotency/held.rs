@@ -24,7 +24,6 @@ use super::late::{self, LateOutcome};
 use super::layer::Shared;
 use super::tee::{Copy, Stream};
 use crate::BoxError;
-use crate::fingerprint::Fingerprint;
 use crate::headers::{self, IDEMPOTENCY_TTL};
 use crate::lease::CompletedByHandler;
 use crate::policy::Policy;
@@ -61,8 +60,6 @@ pub(super) struct Lease<St: IdempotencyStore> {
     policy: Arc<Policy>,
     key: RecordKey,
     token: LeaseToken,
-    /// The request's, for the replay cache.
-    fingerprint: Fingerprint,
     settled: bool,
     _permit: Option<CallerPermit>,
 }
@@ -73,7 +70,6 @@ impl<St: IdempotencyStore> Lease<St> {
         policy: Arc<Policy>,
         key: RecordKey,
         token: LeaseToken,
-        fingerprint: Fingerprint,
         permit: Option<CallerPermit>,
     ) -> Self {
         m::lease_acquired();
@@ -83,7 +79,6 @@ impl<St: IdempotencyStore> Lease<St> {
             policy,
             key,
             token,
-            fingerprint,
             settled: false,
             _permit: permit,
         }
@@ -264,7 +259,6 @@ impl<St: IdempotencyStore> Lease<St> {
             policy: self.policy.clone(),
             key: self.key,
             token: self.token,
-            fingerprint: self.fingerprint,
             settled: self.settled,
             _permit: self._permit.take(),
         };

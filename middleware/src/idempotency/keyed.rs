@@ -72,7 +72,7 @@ impl<St: IdempotencyStore> Keyed<St> {
         let observed = match self.begin(&fingerprint).await {
             Ok(Begun::Acquired(granted)) => {
                 m::outcome(Outcome::Executed);
-                let response = self.execute(inner, body, granted, fingerprint).await?;
+                let response = self.execute(inner, body, granted).await?;
                 return Ok(outcome::tagged(response, Outcome::Executed));
             }
             Ok(Begun::Answered(response)) => return Ok(response),
@@ -373,7 +373,6 @@ impl<St: IdempotencyStore> Keyed<St> {
         inner: S,
         body: Bytes,
         granted: Granted,
-        fingerprint: Fingerprint,
     ) -> Result<Response<ResponseBody<ResB>>, S::Error>
     where
         S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Send + 'static,
@@ -399,7 +398,6 @@ impl<St: IdempotencyStore> Keyed<St> {
             self.policy,
             self.record_key,
             token,
-            fingerprint,
             self.permit,
         );
         let request = Request::from_parts(parts, RequestBody::buffered(body));

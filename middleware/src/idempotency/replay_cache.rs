@@ -44,7 +44,8 @@ pub struct ReplayCacheLimits {
 }
 
 impl ReplayCacheLimits {
-    /// What a layer starts with: the 10,000 most recently completed records, 16 MiB at most.
+    /// What a layer starts with: the 10,000 records most recently replayed from the store, 16 MiB
+    /// at most.
     /// Enough for the retries that follow a lost response; small beside a process's other
     /// buffers.
     pub const DEFAULT: Self = Self {
@@ -78,8 +79,8 @@ pub(crate) enum Cached {
     Mismatch,
 }
 
-/// A moment in the feed's history, taken before a `complete` call: an entry is filled only if no
-/// forget arrived since.
+/// A moment in the feed's history, taken before a `begin` call: the record it reads is cached only
+/// if no forget arrived since.
 #[derive(Clone, Copy)]
 pub(crate) struct Mark {
     forgets_seen: u64,

@@ -4,8 +4,8 @@
 //! ([`IdempotencyStore::forget`](super::IdempotencyStore)). A process that caches completed
 //! records to answer replays without a store round trip must drop a forgotten record at once,
 //! whichever process forgot it: shared stores carry the news on the notification channel they
-//! already have (PostgreSQL `NOTIFY`, Redis pub/sub), and hand it to local caches through a
-//! [`ForgetFeed`].
+//! already have (PostgreSQL `NOTIFY`, Redis pub/sub; SQLite, which has none between processes, a
+//! forget log read every 100 ms), and hand it to local caches through a [`ForgetFeed`].
 
 use crate::scope::RecordKey;
 

@@ -403,8 +403,9 @@ impl SqliteStore {
         Self::builder(url).connect().await
     }
 
-    /// Deletes every expired row now, in batches of the configured size; returns how many rows
-    /// were deleted. The reaper task calls this every reaper interval.
+    /// Deletes every expired row now, in batches of the configured size, then the forget log's
+    /// rows older than ten minutes; returns how many records were deleted. The reaper task calls
+    /// this every reaper interval (with the reaper off, the forget log is never pruned either).
     pub async fn reap_expired(&self) -> Result<u64, StoreError> {
         self.inner.reap_expired().await
     }
@@ -453,12 +454,7 @@ impl fmt::Debug for SqliteStore {
 
 impl Reap for Inner {
     async fn reap_expired(&self) -> Result<u64, StoreError> {
-        sqlx::query(records::PRUNE_FORGET_LOG)
-            .bind(records::FORGET_LOG_RETENTION_MS)
-            .execute(&self.pool)
-            .await
-            .map_err(StoreError::backend)?;
-        sql::reap_in_batches("sqlite", self.reaper_batch, || async {
+        let reaped = sql::reap_in_batches("sqlite", self.reaper_batch, || async {
             let deleted = sqlx::query(REAP)
                 .bind(i64::from(self.reaper_batch))
                 .execute(&self.pool)
@@ -466,7 +462,17 @@ impl Reap for Inner {
                 .map_err(StoreError::backend)?;
             Ok(deleted.rows_affected())
         })
-        .await
+        .await;
+        // After the records, and never in their way: a log that cannot be pruned (its table
+        // missing because migration 0003 was not applied) must not keep expired rows.
+        if let Err(error) = sqlx::query(records::PRUNE_FORGET_LOG)
+            .bind(records::FORGET_LOG_RETENTION_MS)
+            .execute(&self.pool)
+            .await
+        {
+            tracing::warn!(%error, "pruning the SQLite forget log failed");
+        }
+        reaped
     }
 }
 

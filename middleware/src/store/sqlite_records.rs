@@ -34,9 +34,11 @@ pub(super) const FORGET_LOG_RETENTION_MS: i64 = 10 * 60 * 1000;
 const FORGET_LOG_READ: i64 = 512;
 
 /// The `seq` of the last forget ever logged (0: none). `sqlite_sequence` keeps it when the reaper
-/// has emptied the table.
-const LAST_FORGET: &str = "SELECT COALESCE(\
-     (SELECT seq FROM sqlite_sequence WHERE name = 'idempotency_forgets'), 0)";
+/// has emptied the table; the table itself is named too, so that the statement fails when the
+/// log does not exist (`sqlite_sequence` may exist for another table of the file).
+const LAST_FORGET: &str = "SELECT max(\
+     COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'idempotency_forgets'), 0), \
+     (SELECT COALESCE(max(seq), 0) FROM idempotency_forgets))";
 const FORGETS_AFTER: &str =
     "SELECT seq, key FROM idempotency_forgets WHERE seq > ?1 ORDER BY seq LIMIT ?2";
 /// Deletes the forgets logged more than `?1` milliseconds ago.
@@ -46,8 +48,8 @@ pub(super) const PRUNE_FORGET_LOG: &str = concat!(
     " - ?1"
 );
 
-/// The `seq` of the last logged forget; an error when the log does not exist yet (a store opened
-/// with `auto_migrate(false)` before its migrations ran).
+/// The `seq` of the last logged forget; an error when the log does not exist (a store opened with
+/// `auto_migrate(false)` whose migrations did not run, or ran only up to `0002`).
 pub(super) async fn last_logged_forget(pool: &SqlitePool) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(LAST_FORGET).fetch_one(pool).await
 }
@@ -57,6 +59,9 @@ pub(super) async fn last_logged_forget(pool: &SqlitePool) -> Result<i64, sqlx::E
 /// `forget_record`, and once more from the log: a cache drops a key twice). Stops when the store
 /// is dropped. `last_seen` is where the log stood when the store opened; `None` (unknown) makes
 /// the first read report [`ForgetEvent::Unknown`](crate::store::ForgetEvent::Unknown).
+///
+/// A read that fails also reports `Unknown`: while the log cannot be read (its table missing, the
+/// file unreadable) a forget by another process could go unheard, so nothing stays cached.
 pub(super) fn spawn_forget_log_reader(store: Weak<Inner>, mut last_seen: Option<i64>) {
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(FORGET_LOG_POLL);
@@ -64,24 +69,33 @@ pub(super) fn spawn_forget_log_reader(store: Weak<Inner>, mut last_seen: Option<
         let mut failing = false;
         loop {
             ticker.tick().await;
-            let Some(inner) = store.upgrade() else {
-                return;
-            };
-            if !inner.forgets.is_heard() {
+            // The store is not kept alive across the read: dropping it stops this task.
+            let Some((pool, forgets)) = store
+                .upgrade()
+                .filter(|inner| inner.forgets.is_heard())
+                .map(|inner| (inner.pool.clone(), inner.forgets.clone()))
+            else {
+                if store.strong_count() == 0 {
+                    return;
+                }
                 continue;
-            }
-            match read_forget_log(&inner.pool, last_seen, &inner.forgets).await {
+            };
+            match read_forget_log(&pool, last_seen, &forgets).await {
                 Ok(seen) => {
                     last_seen = Some(seen);
                     failing = false;
                 }
-                // Nothing is lost while reads fail: the next one starts after `last_seen`, and
-                // a hole left by the reaper meanwhile is reported as `Unknown`.
-                Err(error) if !failing => {
-                    failing = true;
-                    tracing::warn!(%error, "reading the SQLite forget log failed; will retry");
+                Err(error) => {
+                    forgets.unknown();
+                    if !failing {
+                        failing = true;
+                        tracing::warn!(
+                            %error,
+                            "reading the SQLite forget log failed; the replay cache keeps nothing \
+                             until it can be read (apply the migrations if the table is missing)"
+                        );
+                    }
                 }
-                Err(_) => {}
             }
         }
     });

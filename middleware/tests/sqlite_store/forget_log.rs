@@ -58,20 +58,21 @@ async fn a_hole_in_the_log_is_reported_as_unknown() {
     let mut feed = serving.forget_feed().expect("a forget feed");
 
     // Rows 1 and 2 appear and row 1 is gone before the reader looks, as if reaped: one
-    // statement, so the reader sees both changes or neither.
+    // transaction, so the reader sees both changes or neither.
     let mut conn = SqliteConnection::connect(&url(&dir)).await.expect("open");
+    let mut tx = conn.begin().await.expect("begin");
     sqlx::query(
         "INSERT INTO idempotency_forgets (key, forgotten_at) \
-         VALUES (zeroblob(32), 0), (zeroblob(32), 0) \
-         RETURNING seq",
+         VALUES (zeroblob(32), 0), (zeroblob(32), 0)",
     )
-    .fetch_all(&mut conn)
+    .execute(&mut *tx)
     .await
     .expect("log two forgets");
     sqlx::query("DELETE FROM idempotency_forgets WHERE seq = 1")
-        .execute(&mut conn)
+        .execute(&mut *tx)
         .await
         .expect("reap one");
+    tx.commit().await.expect("commit");
     assert_eq!(next_event(&mut feed).await, ForgetEvent::Unknown);
 }
 
@@ -95,4 +96,23 @@ async fn the_reaper_prunes_old_forgets() {
         .await
         .expect("read the log");
     assert_eq!(left, [2]);
+}
+
+/// Without a readable log (migration 0003 not applied by a user who migrates by hand; here its
+/// trigger and table dropped), a forget by another process could go unheard: every read reports
+/// it, and the reaper still deletes expired records.
+#[tokio::test]
+async fn an_unreadable_log_is_reported_and_does_not_stop_the_reaper() {
+    let dir = TempDir::new().expect("temporary directory");
+    let store = SqliteStore::connect(&url(&dir)).await.expect("open");
+    let mut feed = store.forget_feed().expect("a forget feed");
+    acquire(&store, &key("lapses"), Duration::from_millis(50)).await;
+    let mut conn = SqliteConnection::connect(&url(&dir)).await.expect("open");
+    sqlx::raw_sql("DROP TRIGGER idempotency_forget_logged; DROP TABLE idempotency_forgets")
+        .execute(&mut conn)
+        .await
+        .expect("drop the log");
+    assert_eq!(next_event(&mut feed).await, ForgetEvent::Unknown);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(store.reap_expired().await.expect("reap"), 1);
 }
