@@ -238,17 +238,22 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn calls_queued_during_a_batch_form_the_next_one() {
-        let recorder = Recorder::default();
-        let seen = Arc::clone(&recorder.0);
-        let batcher = Arc::new(Batcher::spawn(
-            recorder,
+    /// A batcher with one worker over `executor`.
+    fn one_worker<E: Execute>(executor: E) -> Arc<Batcher<E>> {
+        Arc::new(Batcher::spawn(
+            executor,
             "test",
             "op",
             1,
             Duration::from_secs(5),
-        ));
+        ))
+    }
+
+    #[tokio::test]
+    async fn calls_queued_during_a_batch_form_the_next_one() {
+        let recorder = Recorder::default();
+        let seen = Arc::clone(&recorder.0);
+        let batcher = one_worker(recorder);
         let lone = batcher.call(0).await.unwrap();
         assert_eq!(lone, 0);
         let calls: Vec<_> = (0..8u8)
@@ -283,13 +288,7 @@ mod tests {
     async fn calls_made_by_tasks_woken_together_share_one_batch() {
         let recorder = Recorder::default();
         let seen = Arc::clone(&recorder.0);
-        let batcher = Arc::new(Batcher::spawn(
-            recorder,
-            "test",
-            "op",
-            1,
-            Duration::from_secs(5),
-        ));
+        let batcher = one_worker(recorder);
         let burst = Arc::new(tokio::sync::Notify::new());
         let calls: Vec<_> = (0..4u8)
             .map(|n| {
@@ -344,13 +343,7 @@ mod tests {
     where
         E: Execute<Request = u8, Response = u8>,
     {
-        let batcher = Arc::new(Batcher::spawn(
-            executor,
-            "test",
-            "op",
-            1,
-            Duration::from_secs(5),
-        ));
+        let batcher = one_worker(executor);
         let first = tokio::spawn({
             let batcher = Arc::clone(&batcher);
             async move { batcher.call(1).await }

@@ -6,8 +6,8 @@
 //! its `begin`s as one many-row `INSERT ... ON CONFLICT DO UPDATE`: each statement is one hand-off
 //! to sqlx's connection thread, which is what a SQLite write costs most (a batch of 16 new keys
 //! took some 70 hand-offs when every call ran its own statements, and now takes five). A later
-//! call on a key already in the batch, and a `begin` whose key another request holds live, run
-//! the single-request statements after them, one by one in queue order, so two calls on one key
+//! call on a key already in the batch, and a `begin` whose key has a live row (held by another
+//! request, or completed: a replay), run the single-request statements after them, one by one in queue order, so two calls on one key
 //! behave as if sequential. The calls of one batch were all waiting at once, so running the
 //! completes before the begins is an order they could have had.
 //!
@@ -31,7 +31,8 @@ use crate::scope::RecordKey;
 
 /// A write the writer task runs.
 pub(super) enum WriteCall {
-    /// A `begin` whose lookup found no live row: acquire it, unless a write since did.
+    /// A `begin`: acquires the key, or is answered from its live row (a replay, a key in flight,
+    /// a mismatch), read in the writer's transaction.
     Begin {
         key: [u8; 32],
         fingerprint: [u8; 32],
@@ -247,8 +248,8 @@ async fn run_one(
             if let Some(row) = acquired {
                 return Ok(lease(&row, token, 0));
             }
-            // The row is live after all (the clock stepped back since the lookup): answered
-            // from it, as a lookup that had seen it would have been.
+            // The row is live after all (the clock stepped back since `live_row` read it):
+            // answered from it, as that read would have been.
             live_row(conn, &record, &request).await?.ok_or_else(|| {
                 StoreError::backend("a begin found its key's row neither live nor free")
             })

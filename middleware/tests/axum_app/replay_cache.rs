@@ -171,6 +171,18 @@ async fn the_replay_cache_never_replays_an_expired_record() {
     assert_eq!(app.counters.runs(), 2);
 }
 
+/// On by default, for a store that reports forgets; `ReplayCacheLimits::OFF` turns it off.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_replay_cache_is_on_by_default_and_off_turns_it_off() {
+    let store = Forgetting::new();
+    assert!(IdempotencyLayer::from_shared_store(store.clone()).replay_cache_enabled());
+    assert!(
+        !IdempotencyLayer::from_shared_store(store)
+            .replay_cache(ReplayCacheLimits::OFF)
+            .replay_cache_enabled()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_replay_cache_stays_off_for_a_store_without_a_forget_feed() {
     // Today's memory store reports no forgets: a cache could not drop what it forgets.
