@@ -32,4 +32,5 @@ pub mod report;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tunnels;
 pub mod upstream;

@@ -89,7 +89,9 @@ async fn serve(
              (replay_cache_bytes, replay_cache_entries) stays off"
         );
     }
-    let service = layer.layer(Upstream::new(&config.upstream(), &config.proxy));
+    let upstream = Upstream::new(&config.upstream(), &config.proxy);
+    let tunnels = upstream.tunnels();
+    let service = layer.layer(upstream);
     // Installed before the listeners announce themselves: until then SIGHUP would kill.
     let mut hangups = file
         .as_ref()
@@ -215,14 +217,17 @@ async fn serve(
     tracing::info!(
         connections = graceful.count(),
         leases = leases.count(),
+        tunnels = tunnels.count(),
         timeout = ?config.proxy.shutdown_timeout,
-        "shutting down: draining in-flight requests"
+        "shutting down: draining in-flight requests and open tunnels"
     );
     // Connections first (no new request can take a lease once they are gone), then the leases
-    // of requests whose clients left, which no connection waits for any more.
+    // of requests whose clients left, which no connection waits for any more, and the upgraded
+    // connections (WebSocket tunnels), which hyper no longer counts as connections.
     let drain = async {
         graceful.shutdown().await;
         leases.idle().await;
+        tunnels.closed().await;
     };
     if tokio::time::timeout(config.proxy.shutdown_timeout, drain)
         .await
@@ -230,8 +235,10 @@ async fn serve(
     {
         tracing::warn!(
             leases = leases.count(),
-            "shutdown timeout reached with requests still in flight; their keys stay locked \
-             until lock_ttl passes"
+            tunnels = tunnels.count(),
+            "shutdown timeout reached with work still in flight: the keys of requests still \
+             running stay locked until lock_ttl passes; open connections and upgraded ones \
+             (WebSocket tunnels) are closed now"
         );
     }
     let _ = stop_admin.send(true);

@@ -27,6 +27,7 @@ use crate::body_timeout::IdleTimeout;
 use crate::config::ProxyConfig;
 use crate::pool::{Pool, PoolSettings, PooledBody};
 use crate::telemetry;
+use crate::tunnels::{OpenTunnel, Tunnels};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -63,6 +64,7 @@ pub struct Upstream {
 struct Shared {
     pool: Pool<RequestBody<Incoming>>,
     target: Target,
+    tunnels: Tunnels,
 }
 
 struct Target {
@@ -108,8 +110,14 @@ impl Upstream {
                     preserve_host: config.preserve_host,
                     http2: config.upstream_http2,
                 },
+                tunnels: Tunnels::default(),
             }),
         }
+    }
+
+    /// The upgraded connections (WebSocket tunnels) this service opened and that are still open.
+    pub fn tunnels(&self) -> Tunnels {
+        self.shared.tunnels.clone()
     }
 }
 
@@ -171,7 +179,8 @@ impl Shared {
                 {
                     keep_upgrade(response.headers_mut(), protocol);
                     let upstream_side = hyper::upgrade::on(&mut response);
-                    tokio::spawn(tunnel(client_side, upstream_side));
+                    let open = self.tunnels.open();
+                    tokio::spawn(tunnel(client_side, upstream_side, open));
                 }
                 let body_timeout = self.target.body_timeout;
                 response.map(|body| Either::Left(IdleTimeout::new(body, body_timeout)))
@@ -336,7 +345,8 @@ fn keep_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
 
 /// Copies bytes both ways between the client's and the upstream's upgraded connections until
 /// either side closes.
-async fn tunnel(client_side: OnUpgrade, upstream_side: OnUpgrade) {
+/// Copies bytes both ways until either side closes; `_open` counts the tunnel meanwhile.
+async fn tunnel(client_side: OnUpgrade, upstream_side: OnUpgrade, _open: OpenTunnel) {
     let (client, upstream) = match tokio::try_join!(client_side, upstream_side) {
         Ok(both) => both,
         Err(error) => {

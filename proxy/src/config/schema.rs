@@ -33,7 +33,8 @@ pub struct ProxyConfig {
     #[serde(default = "defaults::header_read_timeout", with = "humantime_serde")]
     pub header_read_timeout: Duration,
     /// On SIGTERM or SIGINT, how long in-flight requests (those whose client left included) may
-    /// take to finish and be stored before the proxy exits anyway.
+    /// take to finish and be stored, and open upgraded connections (WebSocket tunnels) to close,
+    /// before the proxy exits anyway.
     #[serde(default = "defaults::shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
     /// How long an idle upstream connection is kept in the pool.

@@ -1,5 +1,5 @@
 //! Protocol upgrades (WebSocket handshakes): tunnelled on methods the layer does not cover,
-//! refused with a problem on methods it does.
+//! refused with a problem on methods it does; SIGTERM gives open tunnels `shutdown_timeout`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::support::{Proxy, config};
+use crate::support::{Proxy, config, config_with_proxy};
 
 /// A real upstream that accepts any upgrade, greets with `hello`, then answers every chunk it
 /// reads in upper case. Counts the requests that reach it.
@@ -188,5 +188,77 @@ async fn an_upgrade_on_a_covered_method_is_refused_with_a_problem() {
         upstream.requests.load(Ordering::SeqCst),
         0,
         "nothing forwarded"
+    );
+}
+
+const WEBSOCKET_HANDSHAKE: &str = "GET /chat HTTP/1.1\r\nHost: chat.example\r\nConnection: Upgrade\r\n\
+     Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+     Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+
+/// A tunnel through `proxy`, greeted by the upstream.
+async fn open_tunnel(proxy: &Proxy) -> TcpStream {
+    let (mut stream, head) = handshake(proxy, WEBSOCKET_HANDSHAKE).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(read_exactly(&mut stream, 5).await, "hello");
+    stream
+}
+
+/// hyper stops counting a connection once it switched protocols, so a graceful shutdown used to
+/// exit at once and cut every WebSocket: the proxy now waits for open tunnels as for requests in
+/// flight, and exits as soon as the last one closes.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_an_open_tunnel_go_on_until_it_closes() {
+    let upstream = EchoUpstream::start().await;
+    let mut proxy = Proxy::start(&config_with_proxy(
+        &upstream.url,
+        "shutdown_timeout = \"30s\"",
+        "[store]\nbackend = \"memory\"\n",
+    ));
+    let mut stream = open_tunnel(&proxy).await;
+    proxy.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stream.write_all(b"still").await.expect("send");
+    assert_eq!(
+        read_exactly(&mut stream, 5).await,
+        "STILL",
+        "the tunnel works on after SIGTERM; stderr:\n{}",
+        proxy.stderr()
+    );
+    drop(stream);
+    let closed = std::time::Instant::now();
+    let status = proxy.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", proxy.stderr());
+    assert!(
+        closed.elapsed() < Duration::from_secs(5),
+        "exits once the last tunnel closed, not at shutdown_timeout: {:?}",
+        closed.elapsed()
+    );
+}
+
+/// A tunnel still open when `shutdown_timeout` passes is cut, and the proxy exits.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tunnel_open_past_the_shutdown_timeout_is_cut() {
+    let upstream = EchoUpstream::start().await;
+    let mut proxy = Proxy::start(&config_with_proxy(
+        &upstream.url,
+        "shutdown_timeout = \"1s\"",
+        "[store]\nbackend = \"memory\"\n",
+    ));
+    let mut stream = open_tunnel(&proxy).await;
+    proxy.signal("TERM");
+    let status = proxy.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", proxy.stderr());
+    assert!(
+        proxy.stderr().contains("WebSocket tunnels"),
+        "the timeout is reported: {}",
+        proxy.stderr()
+    );
+    let mut buffer = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer))
+        .await
+        .expect("the cut is seen within 5s");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "the tunnel is closed: {read:?}"
     );
 }
