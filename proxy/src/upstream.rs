@@ -344,8 +344,7 @@ fn keep_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
 }
 
 /// Copies bytes both ways between the client's and the upstream's upgraded connections until
-/// either side closes.
-/// Copies bytes both ways until either side closes; `_open` counts the tunnel meanwhile.
+/// either side closes; `_open` counts the tunnel meanwhile (a graceful shutdown waits for it).
 async fn tunnel(client_side: OnUpgrade, upstream_side: OnUpgrade, _open: OpenTunnel) {
     let (client, upstream) = match tokio::try_join!(client_side, upstream_side) {
         Ok(both) => both,
