@@ -96,6 +96,11 @@ async fn accept_upgrade(
     Ok(switching)
 }
 
+/// A WebSocket handshake on `GET`, a method the layer does not cover.
+const WEBSOCKET_HANDSHAKE: &str = "GET /chat HTTP/1.1\r\nHost: chat.example\r\nConnection: Upgrade\r\n\
+     Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+     Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+
 /// Sends a request head over raw TCP and reads the response head.
 async fn handshake(proxy: &Proxy, head: &str) -> (TcpStream, String) {
     let address = proxy.base.trim_start_matches("http://");
@@ -131,13 +136,7 @@ async fn read_exactly(stream: &mut TcpStream, len: usize) -> String {
 async fn an_uncovered_upgrade_is_tunnelled_both_ways() {
     let upstream = EchoUpstream::start().await;
     let proxy = Proxy::start(&config(&upstream.url, "[store]\nbackend = \"memory\"\n"));
-    let (mut stream, head) = handshake(
-        &proxy,
-        "GET /chat HTTP/1.1\r\nHost: chat.example\r\nConnection: Upgrade\r\n\
-         Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-    )
-    .await;
+    let (mut stream, head) = handshake(&proxy, WEBSOCKET_HANDSHAKE).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     let lower = head.to_ascii_lowercase();
     assert!(lower.contains("upgrade: websocket"), "{head}");
@@ -191,9 +190,14 @@ async fn an_upgrade_on_a_covered_method_is_refused_with_a_problem() {
     );
 }
 
-const WEBSOCKET_HANDSHAKE: &str = "GET /chat HTTP/1.1\r\nHost: chat.example\r\nConnection: Upgrade\r\n\
-     Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
-     Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+/// A proxy in front of `upstream` that gives work in flight `shutdown_timeout` on SIGTERM.
+fn proxy_draining_for(upstream: &EchoUpstream, shutdown_timeout: &str) -> Proxy {
+    Proxy::start(&config_with_proxy(
+        &upstream.url,
+        &format!("shutdown_timeout = \"{shutdown_timeout}\""),
+        "[store]\nbackend = \"memory\"\n",
+    ))
+}
 
 /// A tunnel through `proxy`, greeted by the upstream.
 async fn open_tunnel(proxy: &Proxy) -> TcpStream {
@@ -205,15 +209,11 @@ async fn open_tunnel(proxy: &Proxy) -> TcpStream {
 
 /// hyper stops counting a connection once it switched protocols, so a graceful shutdown used to
 /// exit at once and cut every WebSocket: the proxy now waits for open tunnels as for requests in
-/// flight, and exits as soon as the last one closes.
+/// flight, and exits as soon as the last one closes (well before its 30 s `shutdown_timeout`).
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_lets_an_open_tunnel_go_on_until_it_closes() {
     let upstream = EchoUpstream::start().await;
-    let mut proxy = Proxy::start(&config_with_proxy(
-        &upstream.url,
-        "shutdown_timeout = \"30s\"",
-        "[store]\nbackend = \"memory\"\n",
-    ));
+    let mut proxy = proxy_draining_for(&upstream, "30s");
     let mut stream = open_tunnel(&proxy).await;
     proxy.signal("TERM");
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -225,25 +225,15 @@ async fn sigterm_lets_an_open_tunnel_go_on_until_it_closes() {
         proxy.stderr()
     );
     drop(stream);
-    let closed = std::time::Instant::now();
     let status = proxy.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(0), "stderr:\n{}", proxy.stderr());
-    assert!(
-        closed.elapsed() < Duration::from_secs(5),
-        "exits once the last tunnel closed, not at shutdown_timeout: {:?}",
-        closed.elapsed()
-    );
 }
 
 /// A tunnel still open when `shutdown_timeout` passes is cut, and the proxy exits.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tunnel_open_past_the_shutdown_timeout_is_cut() {
     let upstream = EchoUpstream::start().await;
-    let mut proxy = Proxy::start(&config_with_proxy(
-        &upstream.url,
-        "shutdown_timeout = \"1s\"",
-        "[store]\nbackend = \"memory\"\n",
-    ));
+    let mut proxy = proxy_draining_for(&upstream, "1s");
     let mut stream = open_tunnel(&proxy).await;
     proxy.signal("TERM");
     let status = proxy.wait_exit(Duration::from_secs(10));
